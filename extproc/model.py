@@ -1,0 +1,122 @@
+"""The validated gateway configuration: frozen, typed, free of secrets.
+
+This is what the ops YAML means once ``config.load_config`` has checked it.
+It holds references to secrets (an env var name, a file path), never their
+values, so it can be rendered, logged and compared freely. Secret values live
+in ``policy.Policy``, built from this model by ``policy.compile_policy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+DEFAULT_CLIENT_CREDENTIALS = ("authorization", "x-api-key")
+
+
+class FailureMode(Enum):
+    """What Envoy does when the processor cannot answer."""
+
+    CLOSED = "closed"  # reject the request with a 5xx; never forward without a decision
+    OPEN = "open"  # forward the request unchanged
+
+
+class ErrorStyle(Enum):
+    """Which provider's JSON error shape the gateway's own 401s use."""
+
+    ANTHROPIC = "anthropic"
+    OPENAI = "openai"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str
+    port: int
+    tls: TlsFiles | None = None
+    stream_idle_timeout_s: int = 300
+    max_request_headers_kb: int = 60
+
+
+@dataclass(frozen=True)
+class ExtprocSettings:
+    address: str = "127.0.0.1"
+    port: int = 50051
+    failure_mode: FailureMode = FailureMode.CLOSED
+    timeout_ms: int = 200
+    workers: int = 1
+    fast_path: bool = True  # skip the processor in Envoy when a client credential is present
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret comes from; exactly one of env and file is set."""
+
+    env: str | None = None
+    file: Path | None = None
+    optional: bool = False
+    origin: str = field(default="", compare=False)  # "gateway.yaml:14 routes[0].credential.secret"
+
+    def describe(self) -> str:
+        """Names the source (never the value) for messages."""
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+
+@dataclass(frozen=True)
+class Credential:
+    header: str
+    format: str
+    secret: SecretRef
+    client_credentials: tuple[str, ...] = DEFAULT_CLIENT_CREDENTIALS
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A parsed upstream URL: the scheme decides TLS, the host is SNI and Host."""
+
+    tls: bool
+    host: str
+    port: int
+    path: str = "/"  # what the route's prefix is replaced with upstream
+
+    @property
+    def authority(self) -> str:
+        """The Host header value: the port is left out when it is the scheme's default."""
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    prefix: str
+    upstream: Upstream
+    credential: Credential | None = None
+    ca_file: Path | None = None
+    error_style: ErrorStyle = ErrorStyle.ANTHROPIC
+    timeout_s: int = 0  # 0: no overall limit, so long SSE responses are never cut
+    connect_timeout_s: int = 10
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: Path
+    listener: Listener
+    admin: Endpoint
+    extproc: ExtprocSettings
+    routes: tuple[Route, ...]
+    metrics: Endpoint | None = None
+    system_ca_file: Path = Path("/etc/ssl/certs/ca-certificates.crt")

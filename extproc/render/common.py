@@ -1,0 +1,31 @@
+"""Small builders shared by the render modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Json = dict[str, Any]
+TYPE_PREFIX = "type.googleapis.com/"
+
+
+def typed(type_name: str, **fields: Any) -> Json:
+    """An ``Any``-typed config block: ``{"@type": ..., **fields}``."""
+    return {"@type": TYPE_PREFIX + type_name, **fields}
+
+
+def socket_address(address: str, port: int) -> Json:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def seconds(value: float) -> str:
+    """A protobuf Duration in its JSON/YAML form."""
+    return f"{value:g}s"
+
+
+def cluster_name(route_name: str) -> str:
+    return f"route_{route_name}"
+
+
+EXTPROC_CLUSTER = "extproc"
+EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

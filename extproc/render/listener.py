@@ -1,0 +1,156 @@
+"""The gateway listener: HTTP connection manager, edge hardening, access log, JSON errors.
+
+Hardening follows Envoy's edge guide where it fits an API gateway: the client
+address comes from the connection (``use_remote_address``), header names with
+underscores are rejected (``x_api_key`` must not slip past a check for
+``x-api-key``), paths are normalised before routing so ``/a/../b`` cannot
+borrow another prefix's route, and header sizes and HTTP/2 streams are bounded.
+Timeouts leave long SSE responses alone: only idle streams are cut.
+"""
+
+from __future__ import annotations
+
+from extproc.model import GatewayConfig
+from extproc.render import extproc_filter, routes, tls
+from extproc.render.common import Json, seconds, socket_address, typed
+from extproc.responses import METADATA_NAMESPACE
+
+_HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+ACCESS_LOG_FIELDS = {
+    "time": "%START_TIME%",
+    "route": "%ROUTE_NAME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "credential_source": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:credential_source)%",
+    "outcome": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:outcome)%",
+    "fast_path": f"%METADATA(ROUTE:{METADATA_NAMESPACE}:credential_source)%",
+    "duration_ms": "%DURATION%",
+    "upstream_ms": "%RESPONSE_DURATION%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+
+def _access_log() -> list[Json]:
+    fmt = {
+        "json_format": ACCESS_LOG_FIELDS,
+        "formatters": [
+            {
+                "name": "envoy.formatter.req_without_query",
+                "typed_config": typed(
+                    "envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                ),
+            }
+        ],
+    }
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": typed(
+                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=fmt
+            ),
+        }
+    ]
+
+
+def _status_filter(op: str, code: int) -> Json:
+    return {
+        "status_code_filter": {
+            "comparison": {"op": op, "value": {"default_value": code, "runtime_key": "unused"}}
+        }
+    }
+
+
+def _local_replies() -> Json:
+    """Envoy's own errors (5xx, 404, 4xx from limits) as JSON in the Anthropic shape.
+
+    The processor's 401 is left as it is: it is already JSON in the provider's shape.
+    """
+    error = {
+        "type": "error",
+        "error": {"type": "%LOCAL_REPLY_BODY%", "message": "%RESPONSE_CODE_DETAILS%"},
+    }
+    json_body = {"json_format": error, "content_type": "application/json"}
+    mapper_codes = [
+        ("GE", 500, "api_error"),
+        ("EQ", 400, "invalid_request_error"),
+        ("EQ", 413, "request_too_large"),
+        ("EQ", 431, "invalid_request_error"),
+    ]
+    return {
+        "mappers": [
+            {
+                "filter": _status_filter(op, code),
+                "body": {"inline_string": kind},
+                "body_format_override": json_body,
+            }
+            for op, code, kind in mapper_codes
+        ]
+    }
+
+
+def connection_manager(config: GatewayConfig) -> Json:
+    listener = config.listener
+    filters = (
+        [extproc_filter.http_filter(config.extproc)]
+        if any(r.credential for r in config.routes)
+        else []
+    )
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
+        }
+    )
+    return typed(
+        _HCM,
+        stat_prefix="gateway",
+        codec_type="AUTO",
+        use_remote_address=True,
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action="UNESCAPE_AND_REDIRECT",
+        common_http_protocol_options={
+            "headers_with_underscores_action": "REJECT_REQUEST",
+            "idle_timeout": "3600s",
+        },
+        http2_protocol_options={
+            "max_concurrent_streams": 100,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
+        max_request_headers_kb=listener.max_request_headers_kb,
+        stream_idle_timeout=seconds(listener.stream_idle_timeout_s),
+        request_headers_timeout="10s",
+        access_log=_access_log(),
+        local_reply_config=_local_replies(),
+        route_config=routes.route_config(config),
+        http_filters=filters,
+    )
+
+
+def listener(config: GatewayConfig) -> Json:
+    chain: Json = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": connection_manager(config),
+            }
+        ]
+    }
+    if config.listener.tls is not None:
+        chain["transport_socket"] = tls.downstream(config.listener.tls)
+    return {
+        "name": "gateway",
+        "address": socket_address(config.listener.address, config.listener.port),
+        "per_connection_buffer_limit_bytes": 32768,
+        "filter_chains": [chain],
+    }

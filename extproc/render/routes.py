@@ -1,0 +1,83 @@
+"""The route table: one Envoy route per YAML route, plus the fast-path and 404 routes.
+
+For a credential route, requests that carry a non-blank client credential are
+matched first by header-matched copies of the route with the processor
+disabled: they pass through at Envoy's own cost. Everything else (no
+credential, blank ones) reaches the processor. Both copies share the YAML
+route's name, the only thing the processor trusts to pick a key.
+"""
+
+from __future__ import annotations
+
+import json
+
+from extproc.model import GatewayConfig, Route
+from extproc.render import extproc_filter
+from extproc.render.common import Json, cluster_name, seconds
+from extproc.responses import METADATA_NAMESPACE
+
+# Envoy joins repeated headers with ',' before matching: a value with at least one
+# character that is neither white space nor ',' proves some copy is non-blank,
+# which is exactly when the processor would pass the request through untouched.
+NON_BLANK = r".*[^\s,].*"
+_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+
+
+def _action(route: Route) -> Json:
+    return {
+        "cluster": cluster_name(route.name),
+        "prefix_rewrite": route.upstream.path,
+        "host_rewrite_literal": route.upstream.authority,
+        "timeout": seconds(route.timeout_s),
+        "retry_policy": {"retry_on": _RETRY_ON, "num_retries": route.retries},
+    }
+
+
+def _client_pays(route: Route) -> list[Json]:
+    """Header-matched copies of ``route`` that skip the processor."""
+    assert route.credential is not None
+    return [
+        {
+            "name": route.name,
+            "match": {
+                "prefix": route.prefix,
+                "headers": [{"name": header, "string_match": {"safe_regex": {"regex": NON_BLANK}}}],
+            },
+            "route": _action(route),
+            "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"credential_source": "client"}}},
+            "typed_per_filter_config": extproc_filter.disabled_for_route(),
+        }
+        for header in route.credential.client_credentials
+    ]
+
+
+def _routes_for(route: Route, fast_path: bool) -> list[Json]:
+    main: Json = {"name": route.name, "match": {"prefix": route.prefix}, "route": _action(route)}
+    if route.credential is None:
+        main["typed_per_filter_config"] = extproc_filter.disabled_for_route()
+        return [main]
+    return [*(_client_pays(route) if fast_path else []), main]
+
+
+def _not_found() -> Json:
+    body = {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "no gateway route matches this path"},
+    }
+    return {
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
+        ],
+        "typed_per_filter_config": extproc_filter.disabled_for_route(),
+    }
+
+
+def route_config(config: GatewayConfig) -> Json:
+    routes = [r for route in config.routes for r in _routes_for(route, config.extproc.fast_path)]
+    return {
+        "name": "gateway",
+        "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": [*routes, _not_found()]}],
+    }

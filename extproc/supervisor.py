@@ -1,0 +1,75 @@
+"""``up``: the ext_proc service and Envoy together, started and stopped in order.
+
+Start: the processor first, and Envoy only once the processor is SERVING, so
+no request meets a missing processor. Stop: Envoy first (it stops taking
+requests), then the processor. If either dies, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+
+from extproc import processes
+from extproc.config import load_config
+from extproc.model import GatewayConfig
+from extproc.render import render_yaml
+
+log = logging.getLogger("up")
+
+
+def banner(config: GatewayConfig) -> str:
+    scheme = "https" if config.listener.tls else "http"
+    host = (
+        "localhost"
+        if config.listener.address in ("0.0.0.0", "::", "127.0.0.1")
+        else config.listener.address
+    )
+    base = f"{scheme}://{host}:{config.listener.port}"
+    lines = ["gateway ready:"]
+    for route in config.routes:
+        lines.append(f"  {base}{route.prefix}  →  {'https' if route.upstream.tls else 'http'}://"
+                     f"{route.upstream.authority}{route.upstream.path}")  # fmt: skip
+    first = config.routes[0].prefix.rstrip("/")
+    lines.append(f"Claude Code:  export ANTHROPIC_BASE_URL={base}{first}")
+    return "\n".join(lines)
+
+
+def up(config_path: Path, envoy: str = "envoy") -> int:
+    config = load_config(config_path)
+    envoy_binary = processes.find_envoy(envoy)
+    run_dir = Path(tempfile.mkdtemp(prefix="credential-gateway-"))
+    bootstrap = run_dir / "envoy.yaml"
+    bootstrap.write_text(render_yaml(config))
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    extproc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", str(config_path)])
+    envoy_process: subprocess.Popen[bytes] | None = None
+    try:
+        processes.wait_serving(f"{config.extproc.address}:{config.extproc.port}", 30, extproc)
+        envoy_process = subprocess.Popen(processes.envoy_command(envoy_binary, bootstrap))
+        processes.wait_envoy_ready(config.admin, 30, envoy_process)
+        print(banner(config), flush=True)
+        while not stopping.wait(0.2):
+            if extproc.poll() is not None or envoy_process.poll() is not None:
+                log.error("a gateway process exited; stopping the other")
+                return 1
+        return 0
+    except processes.NotReady as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if envoy_process is not None:
+            processes.stop(envoy_process)
+        processes.stop(extproc)
