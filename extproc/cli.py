@@ -1,4 +1,4 @@
-"""Command line: validate, render, serve, up."""
+"""Command line: validate, render, serve, up, health."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from extproc.config import load_config
 from extproc.policy import compile_policy
 from extproc.render import render_yaml
 from extproc.sections import ConfigError
+from extproc.xds import XdsWriter
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -23,7 +24,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    text = render_yaml(load_config(args.config))
+    config = load_config(args.config)
+    xds_dir = args.xds_dir.resolve() if args.xds_dir else None
+    if xds_dir is not None:
+        XdsWriter(xds_dir).write(config)
+    text = render_yaml(config, xds_dir)
     if args.output:
         args.output.write_text(text)
     else:
@@ -34,7 +39,7 @@ def _render(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from extproc.server import serve  # grpc only when serving
 
-    return serve(args.config)
+    return serve(args.config, xds_dir=args.xds_dir.resolve() if args.xds_dir else None)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -43,27 +48,51 @@ def _up(args: argparse.Namespace) -> int:
     return up(args.config, envoy=args.envoy)
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 iff the processor named by CONFIG answers SERVING (for container health checks)."""
+    import grpc
+
+    from extproc.processes import health_status
+
+    settings = load_config(args.config).extproc
+    try:
+        status = health_status(f"{settings.address}:{settings.port}", timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"not healthy: {exc.code().name}", file=sys.stderr)
+        return 1
+    print("SERVING" if status == 1 else f"not serving (status {status})")
+    return 0 if status == 1 else 1
+
+
+def _xds_dir_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--xds-dir",
+        type=Path,
+        help="dynamic mode: listeners, routes and clusters live in files in DIR that Envoy "
+        "watches (render writes them once; serve rewrites them on every config change)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
     root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = root.add_subparsers(dest="command", required=True)
-    for name, handler, text in (
-        ("validate", _validate, "check the YAML and that every required secret is readable"),
-        ("render", _render, "print the Envoy bootstrap rendered from the YAML"),
-        ("serve", _serve, "run the ext_proc service alone (Envoy runs elsewhere)"),
-        ("up", _up, "run the ext_proc service and Envoy together"),
-    ):
+
+    def add(name: str, handler: object, text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("config", type=Path, help="the gateway YAML")
         command.set_defaults(handler=handler)
-        if name == "render":
-            command.add_argument(
-                "-o", "--output", type=Path, help="write to FILE instead of stdout"
-            )
-        if name == "up":
-            command.add_argument(
-                "--envoy", default="envoy", help="the envoy binary (default: from PATH)"
-            )
+        return command
+
+    add("validate", _validate, "check the YAML and that every required secret is readable")
+    render = add("render", _render, "print the Envoy bootstrap rendered from the YAML")
+    render.add_argument("-o", "--output", type=Path, help="write to FILE instead of stdout")
+    _xds_dir_option(render)
+    _xds_dir_option(add("serve", _serve, "run the ext_proc service alone (Envoy runs elsewhere)"))
+    up = add("up", _up, "run the ext_proc service and Envoy together")
+    up.add_argument("--envoy", default="envoy", help="the envoy binary (default: from PATH)")
+    health = add("health", _health, "exit 0 iff the ext_proc service is SERVING")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
     return root
 
 

@@ -8,6 +8,7 @@ in ``policy.Policy``, built from this model by ``policy.compile_policy``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -109,6 +110,19 @@ class Route:
     timeout_s: int = 0  # 0: no overall limit, so long SSE responses are never cut
     connect_timeout_s: int = 10
     retries: int = 2
+
+    @property
+    def envoy_name(self) -> str:
+        """The route's name in Envoy: the YAML name plus a digest of where its key may go.
+
+        The processor picks the key by this name. When a reload points a route at
+        another upstream or another secret, the name changes, so a request routed
+        by the old Envoy config still gets the old config's key, never the new one.
+        """
+        key = self.credential
+        where = key and (key.header, key.format, key.secret.env, key.secret.file)
+        identity = repr((self.upstream, self.ca_file, where))
+        return f"{self.name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)

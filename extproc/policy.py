@@ -60,7 +60,7 @@ def compile_policy(config: GatewayConfig, environ: Mapping[str, str] = os.enviro
             continue
         if secret is None:
             missing.append(route.name)
-        compiled[route.name] = _compile_route(route, secret)
+        compiled[route.envoy_name] = _compile_route(route, secret)
     if problems:
         raise ConfigError(problems)
     return Policy(MappingProxyType(compiled), _version(config, compiled), tuple(missing))

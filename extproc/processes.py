@@ -86,6 +86,34 @@ def wait_envoy_ready(
         time.sleep(0.05)
 
 
+def _admin(admin: Endpoint, path: str, method: str = "GET") -> str:
+    url = f"http://{admin.address}:{admin.port}{path}"
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=2) as reply:  # noqa: S310 (our http URL)
+        return str(reply.read().decode())
+
+
+def active_requests(admin: Endpoint) -> int:
+    """Requests Envoy is serving right now on the gateway listener."""
+    text = _admin(admin, "/stats?filter=^http.gateway.downstream_rq_active$")
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
+def drain_envoy(admin: Endpoint, deadline_s: float) -> None:
+    """Close the gateway's listening socket, then wait for requests in flight to finish.
+
+    New connections are refused from the first moment; streaming responses
+    already under way run to their end (or until ``deadline_s``).
+    """
+    try:
+        _admin(admin, "/drain_listeners?inboundonly", method="POST")
+        end = time.monotonic() + deadline_s
+        while active_requests(admin) > 0 and time.monotonic() < end:
+            time.sleep(0.1)
+    except (urllib.error.URLError, OSError, ValueError):
+        return  # Envoy is already gone: nothing to drain
+
+
 def envoy_command(envoy: str, bootstrap: Path, log_level: str = "warning") -> list[str]:
     # No hot restart: parallel gateways (and test runs) must not share shared memory.
     return [envoy, "-c", str(bootstrap), "--disable-hot-restart", "--log-level", log_level]

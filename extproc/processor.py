@@ -26,7 +26,7 @@ class MalformedRequest(ValueError):
 
 class Answer(NamedTuple):
     payload: bytes
-    route: str  # "" when the request is on no credential route
+    route: str  # the YAML route name; "" when the request is on no credential route
     outcome: Outcome | None  # None: nothing was decided (unmanaged route or another phase)
 
 
@@ -40,7 +40,7 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
     route_name = request.attributes[ATTRIBUTES_KEY].fields[ROUTE_ATTRIBUTE].string_value
     route = policy.routes.get(route_name)
     if route is None:
-        return Answer(_UNMANAGED, route_name, None)
+        return Answer(_UNMANAGED, "", None)
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
     payload = (
@@ -48,4 +48,4 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
         if decision.remove
         else route.answers[decision.outcome]
     )
-    return Answer(payload, route_name, decision.outcome)
+    return Answer(payload, route.name, decision.outcome)

@@ -1,8 +1,10 @@
 """``up``: the ext_proc service and Envoy together, started and stopped in order.
 
-Start: the processor first, and Envoy only once the processor is SERVING, so
-no request meets a missing processor. Stop: Envoy first (it stops taking
-requests), then the processor. If either dies, the other is stopped too.
+Start: the processor first (it writes Envoy's route and cluster files into the
+run folder and rewrites them whenever the YAML changes), and Envoy only once
+the processor is SERVING, so no request meets a missing processor. Stop: Envoy
+first (its listener closes at once, streams in flight finish), then the
+processor. If either dies, the other is stopped too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from extproc.model import GatewayConfig
 from extproc.render import render_yaml
 
 log = logging.getLogger("up")
+DRAIN_SECONDS = 300.0  # how long streaming responses in flight may run on after Ctrl-C/SIGTERM
 
 
 def banner(config: GatewayConfig) -> str:
@@ -41,12 +44,13 @@ def banner(config: GatewayConfig) -> str:
     return "\n".join(lines)
 
 
-def up(config_path: Path, envoy: str = "envoy") -> int:
+def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SECONDS) -> int:
     config = load_config(config_path)
     envoy_binary = processes.find_envoy(envoy)
     run_dir = Path(tempfile.mkdtemp(prefix="credential-gateway-"))
+    xds_dir = run_dir / "xds"
     bootstrap = run_dir / "envoy.yaml"
-    bootstrap.write_text(render_yaml(config))
+    bootstrap.write_text(render_yaml(config, xds_dir))
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -54,7 +58,8 @@ def up(config_path: Path, envoy: str = "envoy") -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    extproc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", str(config_path)])
+    serve = [sys.executable, "-m", "extproc", "serve", str(config_path), "--xds-dir", str(xds_dir)]
+    extproc = subprocess.Popen(serve)
     envoy_process: subprocess.Popen[bytes] | None = None
     try:
         processes.wait_serving(f"{config.extproc.address}:{config.extproc.port}", 30, extproc)
@@ -71,5 +76,6 @@ def up(config_path: Path, envoy: str = "envoy") -> int:
         return 1
     finally:
         if envoy_process is not None:
+            processes.drain_envoy(config.admin, drain_seconds)
             processes.stop(envoy_process)
         processes.stop(extproc)

@@ -1,40 +1,93 @@
-"""Assemble the Envoy bootstrap from the parts and print it as YAML."""
+"""Assemble the Envoy bootstrap, static or with file-based dynamic resources.
+
+Static: everything inline, for a one-shot ``render``. Dynamic (``xds_dir``):
+the bootstrap only names three files in that folder (listeners, routes,
+clusters), which Envoy watches; ``extproc.xds`` rewrites them atomically on
+every good config load, so routes and upstreams change without a restart and
+without dropping connections (route changes do not touch the listener).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import yaml
 
 from extproc.model import GatewayConfig
 from extproc.render.clusters import clusters
-from extproc.render.common import Json, socket_address
+from extproc.render.common import Json, socket_address, typed
 from extproc.render.listener import listener
+from extproc.render.routes import route_config
 
 HEADER = (
     "# Rendered by `python -m extproc render` from {source}.\n"
     "# Do not edit: edit the YAML and render again.\n"
 )
+RESOURCE_FILES = {"cds": "cds.yaml", "rds": "rds.yaml", "lds": "lds.yaml"}
+_TYPES = {
+    "cds": "envoy.config.cluster.v3.Cluster",
+    "rds": "envoy.config.route.v3.RouteConfiguration",
+    "lds": "envoy.config.listener.v3.Listener",
+}
 
 
-def render_bootstrap(config: GatewayConfig) -> Json:
+def file_source(xds_dir: Path, kind: str) -> Json:
+    """A config source that reads ``kind``'s file and reloads when a file is moved in."""
     return {
-        "node": {"id": "credential-gateway", "cluster": "credential-gateway"},
-        "admin": {"address": socket_address(config.admin.address, config.admin.port)},
-        "static_resources": {"listeners": [listener(config)], "clusters": clusters(config)},
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
-                        "downstream_connections.v3.DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": 50000,
-                    },
-                }
-            ]
+        "resource_api_version": "V3",
+        "path_config_source": {
+            "path": str(xds_dir / RESOURCE_FILES[kind]),
+            "watched_directory": {"path": str(xds_dir)},
         },
     }
 
 
-def render_yaml(config: GatewayConfig) -> str:
-    body = yaml.safe_dump(render_bootstrap(config), sort_keys=False, width=120)
-    return HEADER.format(source=config.source.name) + body
+def _overload_manager() -> Json:
+    monitor = typed(
+        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+        max_active_downstream_connections=50000,
+    )
+    name = "envoy.resource_monitors.global_downstream_max_connections"
+    return {"resource_monitors": [{"name": name, "typed_config": monitor}]}
+
+
+def render_bootstrap(config: GatewayConfig, xds_dir: Path | None = None) -> Json:
+    bootstrap: Json = {
+        "node": {"id": "credential-gateway", "cluster": "credential-gateway"},
+        "admin": {"address": socket_address(config.admin.address, config.admin.port)},
+    }
+    if xds_dir is None:
+        bootstrap["static_resources"] = {
+            "listeners": [listener(config)],
+            "clusters": clusters(config),
+        }
+    else:
+        bootstrap["dynamic_resources"] = {
+            "lds_config": file_source(xds_dir, "lds"),
+            "cds_config": file_source(xds_dir, "cds"),
+        }
+    bootstrap["overload_manager"] = _overload_manager()
+    return bootstrap
+
+
+def render_resources(
+    config: GatewayConfig, xds_dir: Path, extra_clusters: list[Json]
+) -> dict[str, Json]:
+    """The three discovery files for ``xds_dir``, by kind (cds, rds, lds)."""
+    found = {
+        "cds": clusters(config) + extra_clusters,
+        "rds": [route_config(config)],
+        "lds": [listener(config, rds_source=file_source(xds_dir, "rds"))],
+    }
+    return {
+        kind: {"resources": [{"@type": "type.googleapis.com/" + _TYPES[kind], **r} for r in items]}
+        for kind, items in found.items()
+    }
+
+
+def to_yaml(document: Json, source: Path) -> str:
+    return HEADER.format(source=source.name) + yaml.safe_dump(document, sort_keys=False, width=120)
+
+
+def render_yaml(config: GatewayConfig, xds_dir: Path | None = None) -> str:
+    return to_yaml(render_bootstrap(config, xds_dir), config.source)

@@ -36,7 +36,7 @@ def _is_ip(host: str) -> bool:
 
 
 def route_cluster(route: Route, config: GatewayConfig) -> Json:
-    name = cluster_name(route.name)
+    name = cluster_name(route.envoy_name)
     target = route.upstream
     cluster: Json = {
         "name": name,

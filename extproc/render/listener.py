@@ -97,7 +97,8 @@ def _local_replies() -> Json:
     }
 
 
-def connection_manager(config: GatewayConfig) -> Json:
+def connection_manager(config: GatewayConfig, rds_source: Json | None = None) -> Json:
+    """The HCM; routes inline, or from ``rds_source`` (a file Envoy watches) when given."""
     listener = config.listener
     filters = (
         [extproc_filter.http_filter(config.extproc)]
@@ -132,19 +133,19 @@ def connection_manager(config: GatewayConfig) -> Json:
         request_headers_timeout="10s",
         access_log=_access_log(),
         local_reply_config=_local_replies(),
-        route_config=routes.route_config(config),
         http_filters=filters,
+        **(
+            {"rds": {"route_config_name": "gateway", "config_source": rds_source}}
+            if rds_source
+            else {"route_config": routes.route_config(config)}
+        ),
     )
 
 
-def listener(config: GatewayConfig) -> Json:
+def listener(config: GatewayConfig, rds_source: Json | None = None) -> Json:
+    hcm = connection_manager(config, rds_source)
     chain: Json = {
-        "filters": [
-            {
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": connection_manager(config),
-            }
-        ]
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
     if config.listener.tls is not None:
         chain["transport_socket"] = tls.downstream(config.listener.tls)

@@ -25,7 +25,7 @@ _RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 
 def _action(route: Route) -> Json:
     return {
-        "cluster": cluster_name(route.name),
+        "cluster": cluster_name(route.envoy_name),
         "prefix_rewrite": route.upstream.path,
         "host_rewrite_literal": route.upstream.authority,
         "timeout": seconds(route.timeout_s),
@@ -38,7 +38,7 @@ def _client_pays(route: Route) -> list[Json]:
     assert route.credential is not None
     return [
         {
-            "name": route.name,
+            "name": route.envoy_name,
             "match": {
                 "prefix": route.prefix,
                 "headers": [{"name": header, "string_match": {"safe_regex": {"regex": NON_BLANK}}}],
@@ -52,7 +52,11 @@ def _client_pays(route: Route) -> list[Json]:
 
 
 def _routes_for(route: Route, fast_path: bool) -> list[Json]:
-    main: Json = {"name": route.name, "match": {"prefix": route.prefix}, "route": _action(route)}
+    main: Json = {
+        "name": route.envoy_name,
+        "match": {"prefix": route.prefix},
+        "route": _action(route),
+    }
     if route.credential is None:
         main["typed_per_filter_config"] = extproc_filter.disabled_for_route()
         return [main]
