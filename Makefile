@@ -37,6 +37,6 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/mypy
 
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
-	$(BIN)/python -m pytest tests/test_golden.py --update-golden -q
+	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/test_golden.py -q
 
 .PHONY: help install run validate render test lint golden

@@ -135,7 +135,7 @@ class Section:
 
     def section(self, key: str, fields: Iterable[str], required: bool = False) -> Section | None:
         if key not in self.raw:
-            if required:
+            if required and self.ok:  # a non-mapping was reported already
                 self.error(None, f"missing required field {key!r}")
             return None
         return Section(self.problems, (*self.path, key), self.raw[key], fields)

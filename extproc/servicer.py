@@ -35,7 +35,7 @@ class ExternalProcessor:
         self._source = source
         self._metrics = metrics
 
-    def process(
+    def Process(
         self, requests: Iterator[ext_proc.ProcessingRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         for request in requests:
@@ -52,7 +52,7 @@ class ExternalProcessor:
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
-            self.process,
+            self.Process,
             request_deserializer=ext_proc.ProcessingRequest.FromString,
             response_serializer=None,  # answers are already bytes
         )
