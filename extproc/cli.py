@@ -1,4 +1,4 @@
-"""Command line: validate, render, serve, up, health."""
+"""Command line: validate, render, serve, up, health, keygen."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from extproc.config import load_config
+from extproc.access import key_line, new_key
+from extproc.config import load_config, warnings
 from extproc.policy import compile_policy
 from extproc.render import render_yaml
 from extproc.sections import ConfigError
@@ -17,8 +18,10 @@ from extproc.xds import XdsWriter
 def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     policy = compile_policy(config)
+    for warning in warnings(config):
+        print(warning, file=sys.stderr)
     for route in policy.missing_optional:
-        print(f"warning: route {route}: optional secret not set; credential-less requests get 401")
+        print(f"note: route {route}: optional secret not set; credential-less requests get 401")
     print(f"{args.config}: OK ({len(config.routes)} route(s), version {policy.version})")
     return 0
 
@@ -64,6 +67,23 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if status == 1 else 1
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    """Print a new gateway key once, and the line that lets it in."""
+    key = new_key()
+    try:
+        line = key_line(args.name, key)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.append:
+        with args.append.open("a", encoding="utf-8") as keys_file:
+            keys_file.write(line + "\n")
+    print(f"gateway key for {args.name} (give it to them; it is not stored anywhere):\n  {key}")
+    where = f"appended to {args.append}" if args.append else "add it to the keys file"
+    print(f"keys file line ({where}):\n  {line}")
+    return 0
+
+
 def _xds_dir_option(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--xds-dir",
@@ -93,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy", default="envoy", help="the envoy binary (default: from PATH)")
     health = add("health", _health, "exit 0 iff the ext_proc service is SERVING")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
+    keygen = commands.add_parser("keygen", help="make a gateway client key and its keys-file line")
+    keygen.add_argument("name", help="who the key is for (shown in metrics and the access log)")
+    keygen.add_argument(
+        "--append", type=Path, metavar="KEYS_FILE", help="append the line to KEYS_FILE"
+    )
+    keygen.set_defaults(handler=_keygen)
     return root
 
 

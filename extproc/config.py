@@ -7,7 +7,6 @@ mounted anywhere.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,24 @@ def load_config(path: Path) -> model.GatewayConfig:
     return parse(doc, path.resolve().parent, source=path)
 
 
+def warnings(config: model.GatewayConfig) -> list[str]:
+    """What is allowed but risky: credential routes open to anyone on a non-loopback listener."""
+    where = f"{config.listener.address}:{config.listener.port}"
+    return [
+        f"WARNING: {_OPEN_RELAY.format(route=route.name)} (listener {where}; "
+        "set listener.require_access: true to make this an error)"
+        for route in config.open_relay_routes()
+    ]
+
+
 def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     """Validate a parsed document; file paths are resolved against ``base``."""
     problems = Problems(doc)
-    top = Section(problems, (), doc.data, ["listener", "admin", "extproc", "metrics", "routes"])
+    top = Section(
+        problems, (), doc.data, ["listener", "admin", "extproc", "metrics", "access", "routes"]
+    )
     parser = _Parser(problems, base)
+    parser.default_access = parser.access(top.section("access", _ACCESS))
     listener = parser.listener(top.section("listener", _LISTENER, required=True))
     admin = parser.endpoint(top.section("admin", ["address", "port"]), "127.0.0.1", 9901)
     extproc = parser.extproc(top.section("extproc", _EXTPROC))
@@ -49,6 +61,10 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     if top.has("routes") and not routes and top.ok:
         top.error("routes", "give at least one route")
     _check_unique(problems, top, routes)
+    if listener and listener.require_access and not model.is_loopback(listener.address):
+        for index, route in enumerate(routes):
+            if route and route.credential and route.access is None:
+                problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
     _check_ports(top, listener, admin, extproc, metrics if top.has("metrics") else None)
     if problems.items:
         raise ConfigError(problems.items)
@@ -63,13 +79,20 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     )
 
 
-_LISTENER = ["address", "port", "tls", "stream_idle_timeout_s", "max_request_headers_kb"]
+_LISTENER = [
+    "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
+]  # fmt: skip
 _EXTPROC = ["address", "port", "failure_mode", "timeout_ms", "workers", "fast_path"]
 _ROUTE = [
-    "name", "prefix", "upstream", "credential", "ca_file", "error_style",
+    "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
     "timeout_s", "connect_timeout_s", "retries",
 ]  # fmt: skip
 _CREDENTIAL = ["header", "format", "secret", "client_credentials"]
+_ACCESS = ["keys_file", "header", "for_client_credentials"]
+_OPEN_RELAY = (
+    "route {route} spends the server key for anyone who reaches the listener: "
+    "configure access (gateway keys) or bind the listener to a loopback address"
+)
 
 
 class _Parser:
@@ -78,6 +101,33 @@ class _Parser:
     def __init__(self, problems: Problems, base: Path) -> None:
         self.problems = problems
         self.base = base
+        self.default_access: model.AccessControl | None = None
+
+    def access(self, s: Section | None) -> model.AccessControl | None:
+        if s is None or not s.ok:
+            return None
+        keys_file = self._path(s, "keys_file")
+        if not s.has("keys_file"):
+            s.error(None, "missing required field 'keys_file'")
+        header = s.text("header", "x-gateway-key")
+        if header and not _valid_header(header):
+            s.error("header", "expected a lower-case header name without '_' (e.g. x-gateway-key)")
+            header = None
+        strict = s.flag("for_client_credentials", False)
+        if keys_file is None or header is None or strict is None:
+            return None
+        origin = (
+            f"{self.problems.doc.filename}:{self.problems.doc.line_of(s.path)} {field_name(s.path)}"
+        )
+        return model.AccessControl(keys_file, header, strict, origin)
+
+    def route_access(self, s: Section) -> model.AccessControl | None:
+        """The route's own ``access``, ``false`` for none, or the top-level default."""
+        if not s.has("access"):
+            return self.default_access
+        if s.raw["access"] is False:
+            return None
+        return self.access(s.section("access", _ACCESS))
 
     def _path(self, section: Section, key: str) -> Path | None:
         value = section.text(key, None)
@@ -99,6 +149,7 @@ class _Parser:
         values = {
             "address": s.text("address"),
             "port": s.port("port"),
+            "require_access": s.flag("require_access", False),
             "stream_idle_timeout_s": s.integer("stream_idle_timeout_s", 300, 1, 86400),
             "max_request_headers_kb": s.integer("max_request_headers_kb", 60, 1, 8192),
         }
@@ -110,7 +161,7 @@ class _Parser:
         if s is None:
             return model.ExtprocSettings()
         address = s.text("address", "127.0.0.1")
-        if address and not _is_loopback(address):
+        if address and not model.is_loopback(address):
             s.error(
                 "address", "must be a loopback address: the processor's answers carry the secret"
             )
@@ -141,6 +192,10 @@ class _Parser:
         if ca_file and upstream and not upstream.tls:
             s.error("ca_file", "only applies to an https upstream")
         credential = self.credential(s.section("credential", _CREDENTIAL))
+        access = self.route_access(s)
+        if credential and access and access.header in credential.client_credentials:
+            s.error("access", f"header {access.header!r} is also a client credential header")
+            access = None
         values = {
             "error_style": s.choice("error_style", model.ErrorStyle, model.ErrorStyle.ANTHROPIC),
             "timeout_s": s.integer("timeout_s", 0, 0, 86400),
@@ -149,10 +204,14 @@ class _Parser:
         }
         if None in (name, prefix, upstream, *values.values()):
             return None
-        if s.has("credential") and credential is None:
+        if (s.has("credential") and credential is None) or (
+            s.has("access") and s.raw["access"] is not False and access is None
+        ):
             return None
         assert name and prefix and upstream
-        return model.Route(name, prefix, upstream, credential, ca_file, **values)
+        return model.Route(
+            name, prefix, upstream, credential, access if credential else None, ca_file, **values
+        )
 
     def upstream(self, s: Section) -> model.Upstream | None:
         url = s.text("upstream")
@@ -228,15 +287,6 @@ class _Parser:
 
 def _valid_header(name: str) -> bool:
     return bool(_HEADER.match(name)) and name not in _FORBIDDEN_HEADERS
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_unique(problems: Problems, top: Section, routes: list[model.Route | None]) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.decision import Outcome
 from extproc.model import Endpoint
+from extproc.processor import Answer
 
 
 class Metrics:
@@ -19,8 +19,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
             "gateway_decisions",
-            "Credential decisions made by the processor, by route and outcome.",
-            ["route", "outcome"],
+            "Credential decisions made by the processor, by route, outcome and gateway-key client.",
+            ["route", "outcome", "client"],
             registry=self.registry,
         )
         self.processing_seconds = Histogram(
@@ -47,8 +47,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def decided(self, route: str, outcome: Outcome, seconds: float) -> None:
-        self.decisions.labels(route, outcome.value).inc()
+    def decided(self, answer: Answer, seconds: float) -> None:
+        assert answer.outcome is not None
+        self.decisions.labels(answer.route, answer.outcome.value, answer.client).inc()
         self.processing_seconds.observe(seconds)
 
     def loaded(self, version: str, ok: bool) -> None:

@@ -9,6 +9,7 @@ in ``policy.Policy``, built from this model by ``policy.compile_policy``.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -47,6 +48,7 @@ class Listener:
     address: str
     port: int
     tls: TlsFiles | None = None
+    require_access: bool = False  # refuse to start a non-loopback listener without gateway keys
     stream_idle_timeout_s: int = 300
     max_request_headers_kb: int = 60
 
@@ -84,6 +86,16 @@ class Credential:
 
 
 @dataclass(frozen=True)
+class AccessControl:
+    """Gateway client keys for a route: who may spend the server's credential."""
+
+    keys_file: Path
+    header: str = "x-gateway-key"
+    for_client_credentials: bool = False  # True: a client's own credential needs a gateway key too
+    origin: str = field(default="", compare=False)  # where in the YAML, for messages
+
+
+@dataclass(frozen=True)
 class Upstream:
     """A parsed upstream URL: the scheme decides TLS, the host is SNI and Host."""
 
@@ -105,6 +117,7 @@ class Route:
     prefix: str
     upstream: Upstream
     credential: Credential | None = None
+    access: AccessControl | None = None
     ca_file: Path | None = None
     error_style: ErrorStyle = ErrorStyle.ANTHROPIC
     timeout_s: int = 0  # 0: no overall limit, so long SSE responses are never cut
@@ -134,3 +147,18 @@ class GatewayConfig:
     routes: tuple[Route, ...]
     metrics: Endpoint | None = None
     system_ca_file: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+
+    def open_relay_routes(self) -> list[Route]:
+        """Credential routes anyone who reaches a non-loopback listener could spend."""
+        if is_loopback(self.listener.address):
+            return []
+        return [r for r in self.routes if r.credential and r.access is None]
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -14,39 +14,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+
 from extproc import responses
+from extproc.access import GatewayKeys, KeysFileError, read_keys
 from extproc.decision import Outcome, RouteRule
-from extproc.model import GatewayConfig, Route
+from extproc.model import AccessControl, GatewayConfig, Route
 from extproc.secrets import Secret, SecretError, read_secret
 from extproc.sections import ConfigError
+
+AnswerKey = tuple[Outcome, str]  # (outcome, gateway key client name or "")
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
     name: str
     rule: RouteRule
-    answers: Mapping[Outcome, bytes] = field(repr=False)  # serialised answers; they hold the secret
+    answers: Mapping[AnswerKey, bytes] = field(repr=False)  # serialised; they hold the secret
     header_value: Secret | None  # the formatted credential, e.g. "Bearer <key>"
 
-    def inject_removing(self, remove: tuple[str, ...]) -> bytes:
+    def inject_removing(self, remove: tuple[str, ...], client: str) -> bytes:
         """The rare injection that also drops blank client headers; built per request."""
         assert self.header_value is not None
         value = self.header_value.reveal()
-        answer: bytes = responses.inject(
-            self.name, self.rule.header, value, remove
-        ).SerializeToString()
-        return answer
+        answer = responses.inject(self.name, self.rule.header, value, remove, client)
+        serialised: bytes = answer.SerializeToString()
+        return serialised
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     routes: Mapping[str, CompiledRoute]  # by Envoy route name
-    version: str  # short hash of the config file and the secrets' presence, for metrics/logs
+    version: str  # short hash of the config, secrets and keys files, for metrics/logs
     missing_optional: tuple[str, ...] = ()  # routes whose optional secret is absent
 
 
 def compile_policy(config: GatewayConfig, environ: Mapping[str, str] = os.environ) -> Policy:
-    """Read every route's secret and prebuild its answers; ConfigError lists all failures."""
+    """Read every route's secret and keys file and prebuild its answers.
+
+    Raises ConfigError listing every secret or keys file that cannot be used.
+    """
     problems: list[str] = []
     compiled: dict[str, CompiledRoute] = {}
     missing: list[str] = []
@@ -55,46 +62,77 @@ def compile_policy(config: GatewayConfig, environ: Mapping[str, str] = os.enviro
             continue
         try:
             secret = read_secret(route.credential.secret, environ)
+            keys = _read_keys(route.access)
         except SecretError as exc:
             problems.append(f"{route.credential.secret.origin}: {exc}")
             continue
+        except KeysFileError as exc:
+            problems.append(f"{route.access.origin if route.access else ''}: {exc}")
+            continue
         if secret is None:
             missing.append(route.name)
-        compiled[route.envoy_name] = _compile_route(route, secret)
+        compiled[route.envoy_name] = _compile_route(route, secret, keys)
     if problems:
         raise ConfigError(problems)
     return Policy(MappingProxyType(compiled), _version(config, compiled), tuple(missing))
 
 
-def _compile_route(route: Route, secret: Secret | None) -> CompiledRoute:
+def _read_keys(access: AccessControl | None) -> GatewayKeys | None:
+    if access is None:
+        return None
+    entries = read_keys(access.keys_file)
+    return GatewayKeys(access.header, entries, access.for_client_credentials)
+
+
+def _compile_route(route: Route, secret: Secret | None, keys: GatewayKeys | None) -> CompiledRoute:
     credential = route.credential
     assert credential is not None
     rule = RouteRule(
-        credential.header, frozenset(credential.client_credentials), secret is not None
+        credential.header, frozenset(credential.client_credentials), secret is not None, keys
     )
-    answers = {
-        Outcome.CLIENT_AUTHORIZATION: responses.pass_through(
-            route.name, Outcome.CLIENT_AUTHORIZATION
-        ),
-        Outcome.CLIENT_API_KEY: responses.pass_through(route.name, Outcome.CLIENT_API_KEY),
-    }
     value = None
-    if secret is None:
-        hint = " or ".join(credential.client_credentials)
-        answers[Outcome.REJECTED] = responses.reject(route.name, route.error_style, hint)
-    else:
+    if secret is not None:
         before, after = credential.format.split("{secret}")
         value = Secret(before.encode() + secret.reveal() + after.encode())
-        answers[Outcome.INJECTED] = responses.inject(route.name, credential.header, value.reveal())
-    serialised = {outcome: answer.SerializeToString() for outcome, answer in answers.items()}
+    answers: dict[AnswerKey, ext_proc.ProcessingResponse] = {}
+    for client in ("", *(keys.names if keys else ())):
+        for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY):
+            answers[(outcome, client)] = responses.pass_through(route.name, outcome, client)
+        if value is None:
+            answers[(Outcome.REJECTED, client)] = _rejection(route, Outcome.REJECTED, client)
+        else:
+            answers[(Outcome.INJECTED, client)] = responses.inject(
+                route.name, credential.header, value.reveal(), client=client
+            )
+    if keys is not None:
+        answers[(Outcome.DENIED, "")] = _rejection(route, Outcome.DENIED, "")
+    serialised = {key: answer.SerializeToString() for key, answer in answers.items()}
     return CompiledRoute(route.name, rule, MappingProxyType(serialised), value)
 
 
+def _rejection(route: Route, outcome: Outcome, client: str) -> ext_proc.ProcessingResponse:
+    """The 401 for ``outcome``, telling the client what to send."""
+    assert route.credential is not None
+    if outcome is Outcome.DENIED:
+        assert route.access is not None
+        message = f"Missing or invalid gateway key: send yours in the {route.access.header} header."
+    else:
+        hint = " or ".join(route.credential.client_credentials)
+        message = (
+            f"No credential: this gateway has no server key for route '{route.name}'. "
+            f"Send your own ({hint})."
+        )
+    return responses.reject(route.name, outcome, route.error_style, message, client)
+
+
 def _version(config: GatewayConfig, routes: Mapping[str, CompiledRoute]) -> str:
-    """Changes when the config file or any secret changes; reveals nothing about the secrets."""
+    """Changes when the config, a secret or a keys file changes; reveals nothing about them."""
     digest = hashlib.sha256(config.source.read_bytes() if config.source.exists() else b"")
     for name in sorted(routes):
-        secret = routes[name].header_value
+        route = routes[name]
         digest.update(name.encode() + b"\0")
-        digest.update(hashlib.sha256(secret.reveal()).digest() if secret else b"-")
+        value = route.header_value
+        digest.update(hashlib.sha256(value.reveal()).digest() if value else b"-")
+        for entry, client in route.rule.keys.entries if route.rule.keys else ():
+            digest.update(entry + client.encode())
     return digest.hexdigest()[:12]

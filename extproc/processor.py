@@ -28,6 +28,7 @@ class Answer(NamedTuple):
     payload: bytes
     route: str  # the YAML route name; "" when the request is on no credential route
     outcome: Outcome | None  # None: nothing was decided (unmanaged route or another phase)
+    client: str = ""  # the gateway key's client name
 
 
 def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
@@ -43,9 +44,8 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
         return Answer(_UNMANAGED, "", None)
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
-    payload = (
-        route.inject_removing(decision.remove)
-        if decision.remove
-        else route.answers[decision.outcome]
-    )
-    return Answer(payload, route.name, decision.outcome)
+    if decision.remove:
+        payload = route.inject_removing(decision.remove, decision.client)
+    else:
+        payload = route.answers[(decision.outcome, decision.client)]
+    return Answer(payload, route.name, decision.outcome, decision.client)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from extproc.config import load_config
+from extproc.config import load_config, warnings
 from extproc.metrics import Metrics
 from extproc.model import GatewayConfig
 from extproc.policy import Policy, compile_policy
@@ -90,6 +90,8 @@ class PolicyHolder:
         merged = replace(policy, routes=MappingProxyType({**retired, **policy.routes}))
         self._policy, self._own, self.config, self.last_error = merged, policy, config, ""
         self._metrics.loaded(policy.version, ok=True)
+        for warning in warnings(config):
+            log.warning("%s", warning)
         for route in policy.missing_optional:
             log.warning(
                 "route %s: optional secret not set; credential-less requests get 401", route
@@ -97,12 +99,14 @@ class PolicyHolder:
         log.info("config %s loaded: %d credential route(s)", policy.version, len(policy.routes))
 
     def watched_files(self) -> list[Path]:
-        """The YAML and the secret files of the current config."""
+        """The YAML, and the secret and keys files of the current config."""
         files = [self.config_path]
-        if self.config is not None:
-            refs = (r.credential.secret for r in self.config.routes if r.credential)
-            files.extend(ref.file for ref in refs if ref.file is not None)
-        return files
+        for route in self.config.routes if self.config else ():
+            if route.credential and route.credential.secret.file:
+                files.append(route.credential.secret.file)
+            if route.access:
+                files.append(route.access.keys_file)
+        return sorted(set(files))
 
 
 def fingerprint(files: list[Path]) -> bytes:

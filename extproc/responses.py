@@ -23,29 +23,30 @@ METADATA_NAMESPACE = "credential_gateway"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def _metadata(route: str, outcome: Outcome) -> struct_pb2.Struct:
+def _metadata(route: str, outcome: Outcome, client: str) -> struct_pb2.Struct:
+    """What the access log shows: the route, who paid, and the gateway key's client name."""
+    fields = {
+        "route": route,
+        "credential_source": outcome.credential_source,
+        "outcome": outcome.value,
+    }
+    if client:
+        fields["client"] = client
     meta = struct_pb2.Struct()
-    meta.update(
-        {
-            METADATA_NAMESPACE: {
-                "route": route,
-                "credential_source": outcome.credential_source,
-                "outcome": outcome.value,
-            }
-        }
-    )
+    meta.update({METADATA_NAMESPACE: fields})
     return meta
 
 
-def pass_through(route: str, outcome: Outcome) -> ext_proc.ProcessingResponse:
+def pass_through(route: str, outcome: Outcome, client: str = "") -> ext_proc.ProcessingResponse:
     """Leave the request exactly as the client sent it."""
     return ext_proc.ProcessingResponse(
-        request_headers=ext_proc.HeadersResponse(), dynamic_metadata=_metadata(route, outcome)
+        request_headers=ext_proc.HeadersResponse(),
+        dynamic_metadata=_metadata(route, outcome, client),
     )
 
 
 def inject(
-    route: str, header: str, value: bytes, remove: tuple[str, ...] = ()
+    route: str, header: str, value: bytes, remove: tuple[str, ...] = (), client: str = ""
 ) -> ext_proc.ProcessingResponse:
     """Set ``header`` (replacing every copy) and drop the blank headers in ``remove``."""
     mutation = ext_proc.HeaderMutation(
@@ -60,33 +61,25 @@ def inject(
         request_headers=ext_proc.HeadersResponse(
             response=ext_proc.CommonResponse(header_mutation=mutation)
         ),
-        dynamic_metadata=_metadata(route, Outcome.INJECTED),
+        dynamic_metadata=_metadata(route, Outcome.INJECTED, client),
     )
 
 
-def reject(route: str, style: ErrorStyle, header_hint: str) -> ext_proc.ProcessingResponse:
-    """A 401 from the gateway itself, in the provider's error shape; no upstream call."""
-    message = (
-        f"No credential: this gateway has no server key for route '{route}'. "
-        f"Send your own credential ({header_hint})."
-    )
+def reject(
+    route: str, outcome: Outcome, style: ErrorStyle, message: str, client: str = ""
+) -> ext_proc.ProcessingResponse:
+    """A 401 from the gateway itself, in the provider's error shape; no upstream call.
+
+    No headers are set here (the mutation rules allow credential headers only);
+    Envoy's local-reply config marks 401 bodies as JSON.
+    """
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=http_status_pb2.Unauthorized),
-            headers=ext_proc.HeaderMutation(
-                set_headers=[
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(
-                            key="content-type", raw_value=b"application/json"
-                        ),
-                        append_action=_OVERWRITE,
-                    )
-                ]
-            ),
             body=error_body(style, message),
-            details="credential_gateway_no_credential",
+            details=f"credential_gateway_{outcome.value}",
         ),
-        dynamic_metadata=_metadata(route, Outcome.REJECTED),
+        dynamic_metadata=_metadata(route, outcome, client),
     )
 
 

@@ -45,7 +45,7 @@ class ExternalProcessor:
             except MalformedRequest as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if answer.outcome is not None:
-                self._metrics.decided(answer.route, answer.outcome, time.perf_counter() - start)
+                self._metrics.decided(answer, time.perf_counter() - start)
             yield answer.payload
             if request.HasField("request_headers"):
                 return  # nothing more to decide for this request: free the stream

@@ -36,7 +36,7 @@ CASES = [
     ("secret with neither", GOOD.replace("{env: K}", "{optional: true}"),
      ["gateway.yaml:8 routes[0].credential.secret: give exactly one of env, file"]),
     ("a typo is an unknown field", GOOD.replace("    prefix:", "    prefx: /a/\n    prefix:"),
-     ["gateway.yaml:4 routes[0].prefx: unknown field (allowed: ca_file, connect_timeout_s, "
+     ["gateway.yaml:4 routes[0].prefx: unknown field (allowed: access, ca_file, connect_timeout_s, "
       "credential, error_style, name, prefix, retries, timeout_s, upstream)"]),
     ("duplicate route name and prefix",
      GOOD + "  - name: anthropic\n    prefix: /anthropic/\n    upstream: http://127.0.0.1:1\n",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
+from extproc.access import GatewayKeys
 from extproc.decision import Decision, Outcome, RouteRule, decide
 
 ANTHROPIC = RouteRule("x-api-key", frozenset({"authorization", "x-api-key"}), has_secret=True)
@@ -65,3 +68,48 @@ def test_repeated_blank_headers_are_removed_once_and_in_a_stable_order() -> None
     headers = [("x-api-key", b""), ("authorization", b" "), ("x-api-key", b"\t")]
     assert decide(rule, headers) == Decision(Outcome.INJECTED, ("authorization", "x-api-key"))
     assert decide(rule, list(reversed(headers))) == decide(rule, headers)
+
+
+def keyed(for_client_credentials: bool = False) -> RouteRule:
+    """A route whose server key needs a gateway key ("alice-key" belongs to alice)."""
+    keys = GatewayKeys(
+        "x-gateway-key", read_keys_text("alice", "alice-key"), for_client_credentials
+    )
+    return RouteRule("x-api-key", frozenset({"authorization", "x-api-key"}), True, keys)
+
+
+def read_keys_text(name: str, key: str) -> tuple[tuple[bytes, str], ...]:
+    return ((hashlib.sha256(key.encode()).digest(), name),)
+
+
+KEY_CASES = [
+    ("valid gateway key, no credential: inject for alice",
+     keyed(), [("x-gateway-key", b"alice-key")], Decision(Outcome.INJECTED, client="alice")),
+    ("no gateway key, no credential: denied",
+     keyed(), [("accept", b"*/*")], Decision(Outcome.DENIED)),
+    ("wrong gateway key: denied", keyed(), [("x-gateway-key", b"guess")], Decision(Outcome.DENIED)),
+    ("blank gateway key: denied", keyed(), [("x-gateway-key", b"")], Decision(Outcome.DENIED)),
+    ("two gateway keys, even valid ones: denied",
+     keyed(), [("x-gateway-key", b"alice-key"), ("x-gateway-key", b"alice-key")], Decision(Outcome.DENIED)),
+    ("gateway key header name is case-insensitive",
+     keyed(), [("X-Gateway-Key", b"alice-key")], Decision(Outcome.INJECTED, client="alice")),
+    ("own credential without gateway key: client pays (default policy)",
+     keyed(), [("authorization", b"Bearer sk-ant-oat01-x")], Decision(Outcome.CLIENT_AUTHORIZATION)),
+    ("own credential, strict policy, no gateway key: denied",
+     keyed(True), [("x-api-key", b"mine")], Decision(Outcome.DENIED)),
+    ("own credential, strict policy, valid gateway key: client pays, named",
+     keyed(True), [("x-api-key", b"mine"), ("x-gateway-key", b"alice-key")],
+     Decision(Outcome.CLIENT_API_KEY, client="alice")),
+    ("valid gateway key and a blank authorization: inject and drop it",
+     keyed(), [("authorization", b" "), ("x-gateway-key", b"alice-key")],
+     Decision(Outcome.INJECTED, ("authorization",), "alice")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rule", "headers", "expected"), [c[1:] for c in KEY_CASES], ids=[c[0] for c in KEY_CASES]
+)
+def test_decision_with_gateway_keys(
+    rule: RouteRule, headers: list[tuple[str, bytes]], expected: Decision
+) -> None:
+    assert decide(rule, headers) == expected

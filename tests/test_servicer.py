@@ -95,7 +95,7 @@ def test_no_credential_gets_the_key_in_raw_value_and_the_stream_ends(setup) -> N
         meta["credential_source"].string_value == "injected"
         and meta["route"].string_value == "paid"
     )
-    assert metrics.decisions.labels("paid", "injected")._value.get() == 1
+    assert metrics.decisions.labels("paid", "injected", "")._value.get() == 1
 
 
 def test_oauth_bearer_is_left_untouched(setup) -> None:
@@ -124,7 +124,7 @@ def test_missing_optional_secret_answers_401_json_without_forwarding(setup) -> N
     assert reply.status.code == 401
     body = json.loads(reply.body)
     assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
-    assert metrics.decisions.labels("unpaid", "rejected")._value.get() == 1
+    assert metrics.decisions.labels("unpaid", "rejected", "")._value.get() == 1
 
 
 def test_unknown_route_is_left_alone_without_metadata(setup) -> None:

@@ -6,16 +6,38 @@ streaming is untouched and the processor's stream ends after one answer.
 
 from __future__ import annotations
 
-from extproc.model import ExtprocSettings, FailureMode
+import re
+
+from extproc.model import FailureMode, GatewayConfig
 from extproc.render.common import EXTPROC_CLUSTER, EXTPROC_FILTER, Json, seconds, typed
 from extproc.responses import METADATA_NAMESPACE
 
 _EXT_PROC = "envoy.extensions.filters.http.ext_proc.v3."
 
 
-def http_filter(settings: ExtprocSettings) -> Json:
+def mutation_rules(config: GatewayConfig) -> Json:
+    """The processor may set or remove only the routes' credential headers; anything else fails.
+
+    ``x-envoy-*``, ``host``/``:authority``, ``:path``, ``:scheme`` and ``:method``
+    are already out of reach by default; ``disallow_all`` plus an allow-list makes
+    every other header out of reach too, and ``disallow_is_error`` turns an
+    attempt into a failed request instead of a silently ignored change.
+    """
+    names = sorted(
+        {h for r in config.routes if r.credential for h in r.credential.client_credentials}
+    )
+    return {
+        "disallow_system": True,
+        "disallow_all": True,
+        "allow_expression": {"regex": "^(" + "|".join(re.escape(n) for n in names) + ")$"},
+        "disallow_is_error": True,
+    }
+
+
+def http_filter(config: GatewayConfig) -> Json:
+    settings = config.extproc
     timeout = seconds(settings.timeout_ms / 1000)
-    config = typed(
+    filter_config = typed(
         _EXT_PROC + "ExternalProcessor",
         grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout},
         failure_mode_allow=settings.failure_mode is FailureMode.OPEN,
@@ -33,10 +55,10 @@ def http_filter(settings: ExtprocSettings) -> Json:
         # The route was chosen before the credential was set and must stay chosen.
         route_cache_action="RETAIN",
         allow_mode_override=False,
-        mutation_rules={"disallow_system": True, "disallow_is_error": True},
+        mutation_rules=mutation_rules(config),
         metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     )
-    return {"name": EXTPROC_FILTER, "typed_config": config}
+    return {"name": EXTPROC_FILTER, "typed_config": filter_config}
 
 
 def disabled_for_route() -> Json:

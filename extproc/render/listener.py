@@ -72,7 +72,8 @@ def _status_filter(op: str, code: int) -> Json:
 def _local_replies() -> Json:
     """Envoy's own errors (5xx, 404, 4xx from limits) as JSON in the Anthropic shape.
 
-    The processor's 401 is left as it is: it is already JSON in the provider's shape.
+    The processor's 401 body is already JSON in the provider's shape: only its
+    content type is set here.
     """
     error = {
         "type": "error",
@@ -85,14 +86,21 @@ def _local_replies() -> Json:
         ("EQ", 413, "request_too_large"),
         ("EQ", 431, "invalid_request_error"),
     ]
+    as_is = {
+        "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+        "content_type": "application/json",
+    }
     return {
         "mappers": [
-            {
-                "filter": _status_filter(op, code),
-                "body": {"inline_string": kind},
-                "body_format_override": json_body,
-            }
-            for op, code, kind in mapper_codes
+            {"filter": _status_filter("EQ", 401), "body_format_override": as_is},
+            *(
+                {
+                    "filter": _status_filter(op, code),
+                    "body": {"inline_string": kind},
+                    "body_format_override": json_body,
+                }
+                for op, code, kind in mapper_codes
+            ),
         ]
     }
 
@@ -101,9 +109,7 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
     """The HCM; routes inline, or from ``rds_source`` (a file Envoy watches) when given."""
     listener = config.listener
     filters = (
-        [extproc_filter.http_filter(config.extproc)]
-        if any(r.credential for r in config.routes)
-        else []
+        [extproc_filter.http_filter(config)] if any(r.credential for r in config.routes) else []
     )
     filters.append(
         {

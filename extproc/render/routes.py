@@ -81,7 +81,12 @@ def _not_found() -> Json:
 
 def route_config(config: GatewayConfig) -> Json:
     routes = [r for route in config.routes for r in _routes_for(route, config.extproc.fast_path)]
-    return {
+    table: Json = {
         "name": "gateway",
         "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": [*routes, _not_found()]}],
     }
+    # Gateway keys are for this gateway only: no upstream ever sees one, on any route.
+    key_headers = sorted({route.access.header for route in config.routes if route.access})
+    if key_headers:
+        table["request_headers_to_remove"] = key_headers
+    return table
