@@ -39,6 +39,17 @@ class Outcome(Enum):
         return "client" if self.value.startswith("client") else "none"
 
 
+# An Authorization value that is only a scheme ("Bearer " from an empty token variable)
+# carries no credential: it counts as blank.
+_BARE_SCHEMES = frozenset({b"bearer", b"basic"})
+
+
+def is_blank(name: str, value: bytes) -> bool:
+    """True for a credential header that carries nothing usable."""
+    stripped = value.strip()
+    return not stripped or (name == "authorization" and stripped.lower() in _BARE_SCHEMES)
+
+
 @dataclass(frozen=True, slots=True)
 class RouteRule:
     """The part of a route's policy the decision needs."""
@@ -75,7 +86,7 @@ def decide(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> Decision:
         if lower == key_header:
             presented.append(value)
         elif lower in wanted:
-            if value.strip():
+            if not is_blank(lower, value):
                 if paying is None:
                     paying = (
                         Outcome.CLIENT_AUTHORIZATION

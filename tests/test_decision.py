@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 
 from extproc.access import GatewayKeys
 from extproc.decision import Decision, Outcome, RouteRule, decide
+from extproc.render.routes import NON_BLANK, NON_BLANK_AUTHORIZATION
 
 ANTHROPIC = RouteRule("x-api-key", frozenset({"authorization", "x-api-key"}), has_secret=True)
 NO_SECRET = RouteRule("x-api-key", frozenset({"authorization", "x-api-key"}), has_secret=False)
@@ -113,3 +115,27 @@ def test_decision_with_gateway_keys(
     rule: RouteRule, headers: list[tuple[str, bytes]], expected: Decision
 ) -> None:
     assert decide(rule, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "blank"),
+    [(b"Bearer ", True), (b"bearer", True), (b"  BASIC  ", True), (b"Bearer sk-ant-oat01-x", False),
+     (b"sk-ant-api03-bare-token", False), (b"Bearer ,", False), (b"", True)],
+)  # fmt: skip
+def test_an_authorization_scheme_without_a_token_is_blank(value: bytes, blank: bool) -> None:
+    expected = Decision(Outcome.INJECTED) if blank else Decision(Outcome.CLIENT_AUTHORIZATION)
+    rule = RouteRule("authorization", frozenset({"authorization"}), True)
+    assert decide(rule, [("authorization", value)]) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer sk-ant-oat01-x", b"Bearer x,Bearer y", b"Basic abc", b" Bearer  t ", b"Bearer ", b"Bearer",
+     b"sk-ant-bare", b"Bearer ,", b",", b"  ", b""],
+)  # fmt: skip
+def test_the_fast_path_pattern_only_skips_what_the_processor_passes_through(value: bytes) -> None:
+    """Envoy's header-matched route must never skip a request the processor would inject for."""
+    for name, pattern in (("authorization", NON_BLANK_AUTHORIZATION), ("x-api-key", NON_BLANK)):
+        if re.fullmatch(pattern, value.decode()):
+            rule = RouteRule(name, frozenset({name}), True)
+            assert decide(rule, [(name, value)]).outcome is not Outcome.INJECTED, (name, value)

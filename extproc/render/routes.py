@@ -16,10 +16,13 @@ from extproc.render import extproc_filter
 from extproc.render.common import Json, cluster_name, seconds
 from extproc.responses import METADATA_NAMESPACE
 
-# Envoy joins repeated headers with ',' before matching: a value with at least one
-# character that is neither white space nor ',' proves some copy is non-blank,
-# which is exactly when the processor would pass the request through untouched.
+# Envoy joins repeated headers with ',' before matching. A value with a character
+# that is neither white space nor ',' proves some copy is non-blank; for
+# Authorization, a scheme word must be followed by such a character ("Bearer "
+# alone is blank). Each pattern matches only values the processor would also pass
+# through untouched; anything else still goes to the processor, which decides.
 NON_BLANK = r".*[^\s,].*"
+NON_BLANK_AUTHORIZATION = r"\s*\S+\s+[^\s,].*"
 _RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 
 
@@ -41,13 +44,14 @@ def _client_pays(route: Route) -> list[Json]:
             "name": route.envoy_name,
             "match": {
                 "prefix": route.prefix,
-                "headers": [{"name": header, "string_match": {"safe_regex": {"regex": NON_BLANK}}}],
+                "headers": [{"name": header, "string_match": {"safe_regex": {"regex": pattern}}}],
             },
             "route": _action(route),
             "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"credential_source": "client"}}},
             "typed_per_filter_config": extproc_filter.disabled_for_route(),
         }
         for header in route.credential.client_credentials
+        for pattern in [NON_BLANK_AUTHORIZATION if header == "authorization" else NON_BLANK]
     ]
 
 
