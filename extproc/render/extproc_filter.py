@@ -41,6 +41,8 @@ def http_filter(config: GatewayConfig) -> Json:
         _EXT_PROC + "ExternalProcessor",
         grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout},
         failure_mode_allow=settings.failure_mode is FailureMode.OPEN,
+        # Processor unreachable: 503 (retryable) rather than Envoy's default 500.
+        status_on_error={"code": 503},
         processing_mode={
             "request_header_mode": "SEND",
             "response_header_mode": "SKIP",

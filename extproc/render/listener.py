@@ -28,13 +28,14 @@ ACCESS_LOG_FIELDS = {
     "details": "%RESPONSE_CODE_DETAILS%",
     "credential_source": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:credential_source)%",
     "outcome": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:outcome)%",
+    "client": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:client)%",
     "fast_path": f"%METADATA(ROUTE:{METADATA_NAMESPACE}:credential_source)%",
     "duration_ms": "%DURATION%",
     "upstream_ms": "%RESPONSE_DURATION%",
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
     "upstream_host": "%UPSTREAM_HOST%",
-    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "downstream": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
     "request_id": "%REQ(X-REQUEST-ID)%",
 }
 
