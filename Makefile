@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,15 @@ golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a d
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/test_golden.py -q
 
 .PHONY: help install run validate render test lint golden
+
+compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
+	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \
+		docker compose up --build --detach
+
+compose-down: ## stop the compose stack (Envoy drains first) and remove it
+	docker compose down --volumes
+
+k8s-render: ## print the Kubernetes manifests that `kubectl apply -k deploy/kubernetes` applies
+	kubectl kustomize deploy/kubernetes
+
+.PHONY: compose-up compose-down k8s-render

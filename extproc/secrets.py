@@ -48,7 +48,8 @@ def read_secret(ref: SecretRef, environ: Mapping[str, str] = os.environ) -> Secr
     secret that is present but unusable (empty, unreadable, with line breaks).
     """
     raw = _read_env(ref, environ) if ref.env else _read_file(ref)
-    if raw is None:
+    # An empty file is as unset as `VAR=`: compose writes one for an unset variable.
+    if raw is None or (ref.optional and not raw.strip()):
         if ref.optional:
             return None
         raise SecretError(f"{ref.describe()} is not set")
