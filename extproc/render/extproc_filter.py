@@ -34,6 +34,18 @@ def mutation_rules(config: GatewayConfig) -> Json:
     }
 
 
+def forward_rules(config: GatewayConfig) -> Json:
+    """Send the processor only the headers it decides on: credentials and gateway keys.
+
+    Everything else (cookies, prompts' metadata, user agents) never leaves Envoy,
+    and the processor parses a few headers instead of dozens.
+    """
+    names = {h for r in config.routes if r.credential for h in r.credential.client_credentials}
+    names |= {r.access.header for r in config.routes if r.access}
+    patterns = [{"exact": name, "ignore_case": True} for name in sorted(names)]
+    return {"allowed_headers": {"patterns": patterns}}
+
+
 def http_filter(config: GatewayConfig) -> Json:
     settings = config.extproc
     timeout = seconds(settings.timeout_ms / 1000)
@@ -58,6 +70,7 @@ def http_filter(config: GatewayConfig) -> Json:
         route_cache_action="RETAIN",
         allow_mode_override=False,
         mutation_rules=mutation_rules(config),
+        forward_rules=forward_rules(config),
         metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     )
     return {"name": EXTPROC_FILTER, "typed_config": filter_config}
