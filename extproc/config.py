@@ -82,7 +82,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
 _LISTENER = [
     "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
 ]  # fmt: skip
-_EXTPROC = ["address", "port", "failure_mode", "timeout_ms", "workers", "fast_path"]
+_EXTPROC = ["address", "port", "failure_mode", "timeout_ms", "workers", "fast_path", "server"]
 _ROUTE = [
     "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
     "timeout_s", "connect_timeout_s", "retries",
@@ -173,6 +173,7 @@ class _Parser:
             "timeout_ms": s.integer("timeout_ms", 200, 1, 60000),
             "workers": s.integer("workers", 1, 1, 64),
             "fast_path": s.flag("fast_path", True),
+            "server": s.choice("server", model.ServerKind, model.ServerKind.LEAN),
         }
         return None if None in values.values() else model.ExtprocSettings(**values)
 

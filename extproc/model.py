@@ -24,6 +24,13 @@ class FailureMode(Enum):
     OPEN = "open"  # forward the request unchanged
 
 
+class ServerKind(Enum):
+    """Which gRPC server runs the processor."""
+
+    LEAN = "lean"  # extproc.h2server: a few tens of µs per request
+    GRPCIO = "grpcio"  # the official runtime: the reference, several times the CPU
+
+
 class ErrorStyle(Enum):
     """Which provider's JSON error shape the gateway's own 401s use."""
 
@@ -61,6 +68,7 @@ class ExtprocSettings:
     timeout_ms: int = 200
     workers: int = 1
     fast_path: bool = True  # skip the processor in Envoy when a client credential is present
+    server: ServerKind = ServerKind.LEAN
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class Answer(NamedTuple):
     route: str  # the YAML route name; "" when the request is on no credential route
     outcome: Outcome | None  # None: nothing was decided (unmanaged route or another phase)
     client: str = ""  # the gateway key's client name
+    final: bool = True  # nothing more to decide on this stream: end it
 
 
 def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
@@ -37,7 +38,7 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
     if phase != "request_headers":
         if phase is None:
             raise MalformedRequest("ProcessingRequest has no phase set")
-        return Answer(PHASE_REPLIES[phase], "", None)
+        return Answer(PHASE_REPLIES[phase], "", None, final=False)
     route_name = request.attributes[ATTRIBUTES_KEY].fields[ROUTE_ATTRIBUTE].string_value
     route = policy.routes.get(route_name)
     if route is None:

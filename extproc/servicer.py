@@ -47,7 +47,7 @@ class ExternalProcessor:
             if answer.outcome is not None:
                 self._metrics.decided(answer, time.perf_counter() - start)
             yield answer.payload
-            if request.HasField("request_headers"):
+            if answer.final:
                 return  # nothing more to decide for this request: free the stream
 
     def handler(self) -> grpc.GenericRpcHandler:
