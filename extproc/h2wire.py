@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import hpack
+from hpack.huffman_table import decode_huffman
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
@@ -114,29 +115,86 @@ def unpad(flags: int, payload: bytes, priority_possible: bool) -> bytes:
     return payload[start:end]
 
 
+class _NeedsFullDecode(Exception):
+    """The block changes HPACK's dynamic table: only the full decoder may handle it."""
+
+
+def _integer(block: bytes, at: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) starting at ``at``; returns (value, next offset)."""
+    mask = (1 << prefix_bits) - 1
+    value = block[at] & mask
+    at += 1
+    if value < mask:
+        return value, at
+    shift = 0
+    while True:
+        byte = block[at]
+        at += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
 class HeaderDecoder:
     """Decodes request header blocks, keeping HPACK's dynamic table in step with the peer.
 
-    Envoy re-sends the same request headers on every stream, so after the
-    first stream each block is a few one-byte references into the tables;
-    those are resolved directly (a reference never changes the table). Any
-    other block goes through the full decoder.
+    Envoy re-sends the same request headers on every stream: references into
+    the tables, and ``:path`` as a literal that is never added to the table.
+    Neither changes the dynamic table, so such blocks are read directly, with
+    the (Huffman-coded) path string memoised. A block with any field that
+    changes the table goes through the full decoder.
     """
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder()
         self._table = self._decoder.header_table
+        self._strings: dict[bytes, bytes] = {}  # Huffman-coded path → path
 
     def path(self, block: bytes) -> bytes:
         """The ``:path`` of a request header block (b"" if it has none)."""
         try:
-            if all(byte > 0x80 and byte != 0xFF for byte in block):  # indexed fields, 7-bit index
-                for byte in block:
-                    name, value = self._table.get_by_index(byte & 0x7F)
-                    if name == b":path":
-                        return bytes(value)
-                return b""
-            fields = self._decoder.decode(block, raw=True)
-        except hpack.HPACKError as exc:
+            try:
+                return self._read_without_table_changes(block)
+            except _NeedsFullDecode:
+                fields = self._decoder.decode(block, raw=True)
+                return next((bytes(value) for name, value in fields if name == b":path"), b"")
+        except (hpack.HPACKError, IndexError) as exc:
             raise ProtocolViolation(COMPRESSION_ERROR, f"bad header block: {exc}") from None
-        return next((bytes(value) for name, value in fields if name == b":path"), b"")
+
+    def _read_without_table_changes(self, block: bytes) -> bytes:
+        path, at = b"", 0
+        while at < len(block):
+            byte = block[at]
+            if byte & 0x80:  # indexed field
+                index, at = _integer(block, at, 7)
+                name, value = self._table.get_by_index(index)
+                if name == b":path":
+                    path = bytes(value)
+            elif byte & 0xE0 == 0:  # 0000xxxx / 0001xxxx: literal without indexing / never indexed
+                index, at = _integer(block, at, 4)
+                if index:
+                    name = bytes(self._table.get_by_index(index)[0])
+                else:
+                    name, at = self._string(block, at, decode=True)
+                value, at = self._string(block, at, decode=name == b":path")
+                if name == b":path":
+                    path = value
+            else:  # incremental indexing or a table size update
+                raise _NeedsFullDecode
+        return path
+
+    def _string(self, block: bytes, at: int, decode: bool) -> tuple[bytes, int]:
+        huffman = bool(block[at] & 0x80)
+        length, at = _integer(block, at, 7)
+        raw, end = block[at : at + length], at + length
+        if end > len(block):
+            raise IndexError("string runs past the block")
+        if not decode or not huffman:
+            return raw, end
+        known = self._strings.get(raw)
+        if known is None:
+            known = bytes(decode_huffman(raw))
+            if len(self._strings) < 64:
+                self._strings[raw] = known
+        return known, end

@@ -8,6 +8,7 @@ CONTINUATION frames, padding, PING and GOAWAY.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -28,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config import load_config
 from extproc.h2server import GrpcServer
+from extproc.h2wire import HeaderDecoder
 from extproc.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_method
 from extproc.metrics import Metrics
 from extproc.policy import Policy, compile_policy
@@ -273,3 +276,29 @@ def test_stop_sends_goaway_and_closes_idle_connections(lean: Running) -> None:
         events += peer.conn.receive_data(data)
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
     peer.close()
+
+
+def test_header_decoder_agrees_with_hpack_on_every_kind_of_field() -> None:
+    """Indexed, literal (with, without, never indexing), table resizes: the same :path as hpack."""
+    encoder, reference, decoder = hpack.Encoder(), hpack.Decoder(), HeaderDecoder()
+    rng = random.Random(7)
+    envoy_block = bytes.fromhex(
+        "8304a560b5773fa5d05b3b98855cbe5315761c8bf7657c1e525b2a1d1aec390a841ec635d8721508"
+    )
+    assert HeaderDecoder().path(envoy_block) == PROCESS_PATH  # what Envoy 1.40 sends every time
+    for i in range(500):
+        path = rng.choice(["/a", PROCESS_PATH.decode(), f"/n/{i}"])
+        tuples = {
+            "plain": (":path", path),
+            "never": hpack.NeverIndexedHeaderTuple(":path", path),
+        }
+        fields = [
+            (":method", "POST"),
+            tuples[rng.choice(["plain", "never"])],
+            ("x-n", str(rng.randint(0, 9))),
+        ]
+        if rng.random() < 0.05:
+            encoder.header_table_size = rng.choice([0, 256, 4096])
+        block = encoder.encode(fields, huffman=rng.random() < 0.7)
+        expected = dict(reference.decode(block, raw=True))[b":path"]
+        assert decoder.path(block) == expected
