@@ -42,7 +42,8 @@ def _render(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from extproc.server import serve  # grpc only when serving
 
-    return serve(args.config, xds_dir=args.xds_dir.resolve() if args.xds_dir else None)
+    xds_dir = args.xds_dir.resolve() if args.xds_dir else None
+    return serve(args.config, xds_dir=xds_dir, worker_dir=args.worker)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -108,7 +109,9 @@ def parser() -> argparse.ArgumentParser:
     render = add("render", _render, "print the Envoy bootstrap rendered from the YAML")
     render.add_argument("-o", "--output", type=Path, help="write to FILE instead of stdout")
     _xds_dir_option(render)
-    _xds_dir_option(add("serve", _serve, "run the ext_proc service alone (Envoy runs elsewhere)"))
+    serve = add("serve", _serve, "run the ext_proc service alone (Envoy runs elsewhere)")
+    _xds_dir_option(serve)
+    serve.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # set by workers.Supervisor
     up = add("up", _up, "run the ext_proc service and Envoy together")
     up.add_argument("--envoy", default="envoy", help="the envoy binary (default: from PATH)")
     health = add("health", _health, "exit 0 iff the ext_proc service is SERVING")

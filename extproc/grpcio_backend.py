@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
 
@@ -17,6 +16,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.lifecycle import Hooks
 from extproc.metrics import Metrics
 from extproc.model import ExtprocSettings
 from extproc.servicer import ExternalProcessor, PolicySource
@@ -54,8 +54,7 @@ def run(
     source: PolicySource,
     metrics: Metrics,
     health: GrpcioHealth,
-    on_started: Callable[[], None],
-    grace_s: float,
+    hooks: Hooks,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
     server = build_server(source, metrics, health, threads=16, reuse_port=settings.workers > 1)
@@ -74,8 +73,9 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    on_started()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: hooks.on_reload())
+    hooks.on_started()
     stopping.wait()
     health.servicer.enter_graceful_shutdown()
-    server.stop(grace_s).wait()
+    server.stop(hooks.grace_s).wait()
     return 0

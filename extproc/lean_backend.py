@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from extproc.h2server import GrpcServer, Method, Reply
+from extproc.lifecycle import Hooks
 from extproc.metrics import Metrics
 from extproc.model import ExtprocSettings
 from extproc.processor import MalformedRequest, process
@@ -86,8 +87,7 @@ def run(
     source: PolicySource,
     metrics: Metrics,
     health: Health,
-    on_started: Callable[[], None],
-    grace_s: float,
+    hooks: Hooks,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
     loop = _event_loop()
@@ -101,11 +101,12 @@ def run(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _stopper(signum, stop))
-    on_started()
+    loop.add_signal_handler(signal.SIGHUP, hooks.on_reload)
+    hooks.on_started()
     loop.run_until_complete(stop.wait())
     health.set("", False)
     health.set(SERVICE_NAME, False)
-    loop.run_until_complete(server.stop(grace_s))
+    loop.run_until_complete(server.stop(hooks.grace_s))
     loop.close()
     return 0
 

@@ -1,22 +1,28 @@
 """Prometheus metrics, in a registry of our own (no module-level state).
 
 Labels are route names, outcomes and results only: never a header value, a
-client credential or a secret.
+client credential or a secret. With ``extproc.workers`` > 1 every worker
+writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
+multiprocess mode) and the supervising process serves their sum.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.model import Endpoint
 from extproc.processor import Answer
 
 
 class Metrics:
-    """The processor's metrics; children for known label sets are cached per policy."""
+    """The processor's metrics."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._version = ""
         self.decisions = Counter(
             "gateway_decisions",
             "Credential decisions made by the processor, by route, outcome and gateway-key client.",
@@ -40,11 +46,13 @@ class Metrics:
             "1 for the config version being served.",
             ["version"],
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.config_last_reload_ok = Gauge(
             "gateway_config_last_reload_success",
             "1 if the last config load succeeded; 0 if the last good config is kept.",
             registry=self.registry,
+            multiprocess_mode="min",
         )
 
     def decided(self, answer: Answer, seconds: float) -> None:
@@ -55,10 +63,22 @@ class Metrics:
     def loaded(self, version: str, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "failure").inc()
         self.config_last_reload_ok.set(1 if ok else 0)
-        if ok:
-            self.config_info.clear()
+        if ok and version != self._version:
+            if self._version:  # 0, not removed: other workers' files may still hold a 1 for it
+                self.config_info.labels(self._version).set(0)
             self.config_info.labels(version).set(1)
+            self._version = version
 
     def serve(self, endpoint: Endpoint) -> None:
         """Expose ``/metrics`` on ``endpoint`` from a daemon thread."""
         start_http_server(endpoint.port, endpoint.address, registry=self.registry)
+
+
+def serve_workers(endpoint: Endpoint, directory: Path) -> None:
+    """Expose the sum of the metrics that worker processes write to ``directory``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    start_http_server(endpoint.port, endpoint.address, registry=registry)
+
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Protocol
 
 from extproc import grpcio_backend, lean_backend
+from extproc.config import load_config
+from extproc.lifecycle import Hooks
 from extproc.metrics import Metrics
 from extproc.model import ServerKind
 from extproc.reload import PolicyHolder, watch
+from extproc.sections import ConfigError
 from extproc.servicer import SERVICE_NAME
+from extproc.workers import Supervisor, report_version
 from extproc.xds import XdsWriter
 
 log = logging.getLogger("extproc")
@@ -26,23 +29,23 @@ GRACE_SECONDS = 5.0
 CONFIG_HEALTH = "credential-gateway.config"
 
 
-class Health(Protocol):
-    def set(self, service: str, serving: bool) -> None: ...
+def serve(config_path: Path, xds_dir: Path | None = None, worker_dir: Path | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code.
+
+    With ``extproc.workers`` > 1 this process supervises that many worker
+    processes (``worker_dir`` set), which serve on the shared port.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        log.error("config not loaded:\n  %s", "\n  ".join(exc.problems))
+        return 2
+    if config.extproc.workers > 1 and worker_dir is None:
+        return Supervisor(config_path, xds_dir, GRACE_SECONDS).run(config)
+    return _serve_one(config_path, xds_dir, worker_dir)
 
 
-def _reload_loop(holder: PolicyHolder, health: Health, stop: threading.Event) -> None:
-    """Watch files; after each reload attempt, publish whether the latest change applied."""
-
-    def load_and_report() -> bool:
-        ok = holder.load()
-        health.set(CONFIG_HEALTH, ok)
-        return ok
-
-    watch(holder, stop, load=load_and_report)
-
-
-def serve(config_path: Path, xds_dir: Path | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+def _serve_one(config_path: Path, xds_dir: Path | None, worker_dir: Path | None) -> int:
     metrics = Metrics()
     writer = XdsWriter(xds_dir) if xds_dir else None
     holder = PolicyHolder(config_path, metrics, on_loaded=writer.write if writer else None)
@@ -51,46 +54,46 @@ def serve(config_path: Path, xds_dir: Path | None = None) -> int:
     config = holder.config
     assert config is not None
     settings = config.extproc
-    if config.metrics is not None:
+    if config.metrics is not None and worker_dir is None:
         metrics.serve(config.metrics)
-    stop_watching = threading.Event()
     health: lean_backend.Health | grpcio_backend.GrpcioHealth
     health = (
         lean_backend.Health()
         if settings.server is ServerKind.LEAN
         else grpcio_backend.GrpcioHealth()
     )
+    stop_watching = threading.Event()
+
+    def reload() -> bool:
+        ok = holder.load()
+        health.set(CONFIG_HEALTH, ok)
+        if worker_dir is not None:
+            report_version(worker_dir, holder.policy.version)
+        return ok
 
     def on_started() -> None:
         for service in ("", SERVICE_NAME, CONFIG_HEALTH):
             health.set(service, True)
-        log.info(
-            "ext_proc (%s) listening on %s:%d",
-            settings.server.value,
-            settings.address,
-            settings.port,
-        )
-        threading.Thread(
-            target=_reload_loop, args=(holder, health, stop_watching), name="reload", daemon=True
-        ).start()
+        log.info("ext_proc (%s) on %s:%d", settings.server.value, settings.address, settings.port)
+        if worker_dir is not None:  # the supervisor watches the files and sends SIGHUP
+            report_version(worker_dir, holder.policy.version)
+        else:
+            watcher = threading.Thread(
+                target=watch, args=(holder, stop_watching, reload), daemon=True
+            )
+            watcher.start()
 
+    def on_reload_signal() -> None:
+        threading.Thread(target=reload, name="reload", daemon=True).start()
+
+    hooks = Hooks(on_started, on_reload_signal, GRACE_SECONDS)
     if isinstance(health, lean_backend.Health):
         code = lean_backend.run(
-            settings,
-            source=holder,
-            metrics=metrics,
-            health=health,
-            on_started=on_started,
-            grace_s=GRACE_SECONDS,
+            settings, source=holder, metrics=metrics, health=health, hooks=hooks
         )
     else:
         code = grpcio_backend.run(
-            settings,
-            source=holder,
-            metrics=metrics,
-            health=health,
-            on_started=on_started,
-            grace_s=GRACE_SECONDS,
+            settings, source=holder, metrics=metrics, health=health, hooks=hooks
         )
     stop_watching.set()
     log.info("ext_proc stopped")
