@@ -36,10 +36,14 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff format --check extproc tests bench
 	$(BIN)/mypy
 
+bench: $(STAMP) ## benchmark the gateway against bare Envoy (installs Debian's wrk if missing)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/run.py
+
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/test_golden.py -q
 
-.PHONY: help install run validate render test lint golden
+.PHONY: help install run validate render test lint bench golden
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 KUSTOMIZATION = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "Dockerfile"
-DEPLOY_README = ROOT / "deploy" / "README.md"
+README = ROOT / "README.md"
 ENVOY_ADMIN_SCRIPT = "envoy-admin.sh"
 PROCESSOR_IMAGE = "credential-gateway"
 
@@ -427,9 +427,9 @@ def test_pod_mounts_the_keys_where_the_yaml_reads_them(
 
 
 def documented_secret_command() -> list[str]:
-    text = re.sub(r"\\\n\s*", " ", DEPLOY_README.read_text())
+    text = re.sub(r"\\\n\s*", " ", README.read_text())
     lines = [line for line in text.splitlines() if "kubectl create secret generic" in line]
-    assert len(lines) == 1, "deploy/README.md shows one `kubectl create secret` command"
+    assert len(lines) == 1, "README.md shows one `kubectl create secret` command"
     return shlex.split(lines[0].strip())
 
 
