@@ -77,8 +77,11 @@ def _keygen(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.append:
+        # A file that does not end in a newline would get the line glued to its last one.
+        existing = args.append.read_bytes() if args.append.exists() else b""
+        prefix = "\n" if existing and not existing.endswith(b"\n") else ""
         with args.append.open("a", encoding="utf-8") as keys_file:
-            keys_file.write(line + "\n")
+            keys_file.write(prefix + line + "\n")
     print(f"gateway key for {args.name} (give it to them; it is not stored anywhere):\n  {key}")
     where = f"appended to {args.append}" if args.append else "add it to the keys file"
     print(f"keys file line ({where}):\n  {line}")

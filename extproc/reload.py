@@ -142,4 +142,5 @@ def watch(
         if settled != current:
             continue  # still being written: look again next round
         load()
-        seen = fingerprint(holder.watched_files())
+        # Not re-read: an edit made while loading must still count as a change next round.
+        seen = settled

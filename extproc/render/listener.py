@@ -158,6 +158,8 @@ def listener(config: GatewayConfig, rds_source: Json | None = None) -> Json:
         chain["transport_socket"] = tls.downstream(config.listener.tls)
     return {
         "name": "gateway",
+        # /drain_listeners?inboundonly (used by `up` on SIGTERM) drains only INBOUND listeners.
+        "traffic_direction": "INBOUND",
         "address": socket_address(config.listener.address, config.listener.port),
         "per_connection_buffer_limit_bytes": 32768,
         "filter_chains": [chain],

@@ -83,11 +83,31 @@ def _not_found() -> Json:
     }
 
 
+def _no_trace() -> Json:
+    """TRACE asks the origin to echo the request, injected key included: never forwarded."""
+    message = "method TRACE is not allowed"
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    return {
+        "name": "no_trace",
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": ":method", "string_match": {"exact": "TRACE"}}],
+        },
+        "direct_response": {"status": 405, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
+        ],
+        "typed_per_filter_config": extproc_filter.disabled_for_route(),
+    }
+
+
 def route_config(config: GatewayConfig) -> Json:
     routes = [r for route in config.routes for r in _routes_for(route, config.extproc.fast_path)]
     table: Json = {
         "name": "gateway",
-        "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": [*routes, _not_found()]}],
+        "virtual_hosts": [
+            {"name": "gateway", "domains": ["*"], "routes": [_no_trace(), *routes, _not_found()]}
+        ],
     }
     # Gateway keys are for this gateway only: no upstream ever sees one, on any route.
     key_headers = sorted({route.access.header for route in config.routes if route.access})
