@@ -64,7 +64,10 @@ def _routes_for(route: Route, fast_path: bool) -> list[Json]:
     if route.credential is None:
         main["typed_per_filter_config"] = extproc_filter.disabled_for_route()
         return [main]
-    return [*(_client_pays(route) if fast_path else []), main]
+    # Only the processor checks gateway keys: a route that demands one for client
+    # credentials too must send those requests to it.
+    strict = route.access is not None and route.access.for_client_credentials
+    return [*(_client_pays(route) if fast_path and not strict else []), main]
 
 
 def _not_found() -> Json:
