@@ -19,7 +19,11 @@ from extproc.yamlsource import Document, YamlSyntaxError, load
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # RFC 9110 token, lower case, and no underscores: Envoy rejects those names at the edge.
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^`|~-]+$")
-_FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "te"}
+# Headers Envoy owns or treats specially: a credential there would be dropped or rewritten.
+_FORBIDDEN_HEADERS = {
+    "host", "content-length", "transfer-encoding", "connection", "te", "keep-alive", "upgrade",
+    "proxy-connection", "x-forwarded-for", "x-forwarded-proto", "x-request-id",
+}  # fmt: skip
 
 
 def load_config(path: Path) -> model.GatewayConfig:
@@ -287,7 +291,11 @@ class _Parser:
 
 
 def _valid_header(name: str) -> bool:
-    return bool(_HEADER.match(name)) and name not in _FORBIDDEN_HEADERS
+    return (
+        bool(_HEADER.match(name))
+        and name not in _FORBIDDEN_HEADERS
+        and not name.startswith("x-envoy-")
+    )
 
 
 def _check_unique(problems: Problems, top: Section, routes: list[model.Route | None]) -> None:
