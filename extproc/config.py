@@ -115,7 +115,10 @@ class _Parser:
             s.error(None, "missing required field 'keys_file'")
         header = s.text("header", "x-gateway-key")
         if header and not _valid_header(header):
-            s.error("header", "expected a lower-case header name without '_' (e.g. x-gateway-key)")
+            s.error(
+                "header",
+                "expected a lower-case header name, no '_', not one Envoy manages (e.g. x-gateway-key)",
+            )
             header = None
         strict = s.flag("for_client_credentials", False)
         if keys_file is None or header is None or strict is None:
@@ -242,7 +245,10 @@ class _Parser:
             return None
         header = s.text("header")
         if header and not _valid_header(header):
-            s.error("header", "expected a lower-case header name without '_' (e.g. x-api-key)")
+            s.error(
+                "header",
+                "expected a lower-case header name, no '_', not one Envoy manages (e.g. x-api-key)",
+            )
             header = None
         fmt = s.text("format", "{secret}")
         if fmt and (fmt.count("{secret}") != 1 or fmt.replace("{secret}", "").count("{")):

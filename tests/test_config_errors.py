@@ -49,8 +49,11 @@ CASES = [
     ("format without {secret}", GOOD.replace("header: x-api-key", "header: x-api-key\n      format: Bearer"),
      ["gateway.yaml:8 routes[0].credential.format: must contain {secret} exactly once and no other braces"]),
     ("header with underscore", GOOD.replace("header: x-api-key", "header: x_api_key"),
-     ["gateway.yaml:7 routes[0].credential.header: expected a lower-case header name without '_' "
-      "(e.g. x-api-key)"]),
+     ["gateway.yaml:7 routes[0].credential.header: expected a lower-case header name, no '_', "
+      "not one Envoy manages (e.g. x-api-key)"]),
+    ("a header Envoy manages", GOOD.replace("header: x-api-key", "header: x-envoy-key"),
+     ["gateway.yaml:7 routes[0].credential.header: expected a lower-case header name, no '_', "
+      "not one Envoy manages (e.g. x-api-key)"]),
     ("no routes", "listener: {address: 127.0.0.1, port: 4000}\n",
      ["gateway.yaml:1 missing required field 'routes'"]),
     ("empty file", "", ["gateway.yaml:1 expected a mapping, got nothing"]),
