@@ -19,6 +19,7 @@ from extproc.yamlsource import Document, YamlSyntaxError, load
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # RFC 9110 token, lower case, and no underscores: Envoy rejects those names at the edge.
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^`|~-]+$")
+_HEADER_HINT = "expected a lower-case header name, no '_', not one Envoy manages"
 # Headers Envoy owns or treats specially: a credential there would be dropped or rewritten.
 _FORBIDDEN_HEADERS = {
     "host", "content-length", "transfer-encoding", "connection", "te", "keep-alive", "upgrade",
@@ -117,7 +118,7 @@ class _Parser:
         if header and not _valid_header(header):
             s.error(
                 "header",
-                "expected a lower-case header name, no '_', not one Envoy manages (e.g. x-gateway-key)",
+                f"{_HEADER_HINT} (e.g. x-gateway-key)",
             )
             header = None
         strict = s.flag("for_client_credentials", False)
@@ -247,7 +248,7 @@ class _Parser:
         if header and not _valid_header(header):
             s.error(
                 "header",
-                "expected a lower-case header name, no '_', not one Envoy manages (e.g. x-api-key)",
+                f"{_HEADER_HINT} (e.g. x-api-key)",
             )
             header = None
         fmt = s.text("format", "{secret}")
