@@ -5,6 +5,7 @@ Readiness is polled with a deadline that raises; nothing sleeps "long enough".
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -112,6 +113,34 @@ def drain_envoy(admin: Endpoint, deadline_s: float) -> None:
             time.sleep(0.1)
     except (urllib.error.URLError, OSError, ValueError):
         return  # Envoy is already gone: nothing to drain
+
+
+def wait_listening(
+    admin: Endpoint, port: int, deadline_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until Envoy really listens on ``port``.
+
+    Envoy reports ready even when it rejected a listener (say, the port is taken);
+    only its listener list tells.
+    """
+    end = time.monotonic() + deadline_s
+    while True:
+        _ensure_running(process, "envoy")
+        try:
+            listeners = json.loads(_admin(admin, "/listeners?format=json")).get(
+                "listener_statuses", []
+            )
+        except (urllib.error.URLError, OSError, ValueError):
+            listeners = []
+        ports = {
+            item.get("local_address", {}).get("socket_address", {}).get("port_value")
+            for item in listeners
+        }
+        if port in ports:
+            return
+        if time.monotonic() > end:
+            raise NotReady(f"envoy is not listening on port {port} (taken by another program?)")
+        time.sleep(0.05)
 
 
 def envoy_command(envoy: str, bootstrap: Path, log_level: str = "warning") -> list[str]:

@@ -65,6 +65,7 @@ def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SEC
         processes.wait_serving(f"{config.extproc.address}:{config.extproc.port}", 30, extproc)
         envoy_process = subprocess.Popen(processes.envoy_command(envoy_binary, bootstrap))
         processes.wait_envoy_ready(config.admin, 30, envoy_process)
+        processes.wait_listening(config.admin, config.listener.port, 10, envoy_process)
         print(banner(config), flush=True)
         while not stopping.wait(0.2):
             if extproc.poll() is not None or envoy_process.poll() is not None:

@@ -1,0 +1,207 @@
+"""Turn the measurements into one Markdown report (printed and saved) and a JSON twin.
+
+Each figure in the load table is the median over the runs; ratios and deltas
+compare the gateway with the bare Envoy measured in the same alternation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLIENT = "(a) client credential"
+INJECT = "(b) injection"
+MIX = "(c) 50/50 mix"
+BASELINE = "bare Envoy"
+GATEWAY = "gateway"
+TTFB_DIRECT = "direct to upstream"
+TTFB_INJECTED = "gateway, injected"
+STREAMS_HELD = "ext_proc gRPC streams open (max while held)"
+STREAMS_RSS = "processor RSS MB (streams held)"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One run of one target: wrk at 32 connections, then at 1."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    p50_c1_ms: float
+    envoy_us: float  # CPU of the Envoy under test, per request at 32 connections
+    processor_us: float  # CPU of the processor (its whole process tree), per request
+    upstream_us: float  # CPU of the direct-response Envoy, per request (for context)
+    processor_rss_mb: float
+    extproc_calls: float  # ext_proc streams Envoy opened, per request
+    errors: int
+    other_cpu_pct: float  # CPU used by other processes on the machine meanwhile (noise)
+
+
+@dataclass
+class Row:
+    scenario: str
+    target: str  # BASELINE or GATEWAY
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, name: str) -> float:
+        """The median over the runs of one ``Sample`` field."""
+        return float(statistics.median(getattr(s, name) for s in self.samples))
+
+
+@dataclass
+class Report:
+    meta: dict[str, Any]
+    rows: list[Row]
+    ttfb: dict[str, dict[str, float]] = field(default_factory=dict)
+    streams: dict[str, float] = field(default_factory=dict)
+
+    def pair(self, scenario: str) -> tuple[Row, Row]:
+        found = {r.target: r for r in self.rows if r.scenario == scenario}
+        return found[BASELINE], found[GATEWAY]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return out
+
+
+def load_table(report: Report) -> list[str]:
+    header = (
+        "scenario", "target", "req/s", "ratio", "p50 ms", "p99 ms", "p50 ms @1 conn",
+        "Δp50 @1 ms", "Envoy µs/req", "processor µs/req", "processor RSS MB",
+        "ext_proc calls/req", "errors", "other CPU %",
+    )  # fmt: skip
+    lines = []
+    for scenario in dict.fromkeys(r.scenario for r in report.rows):
+        base, gateway = report.pair(scenario)
+        for row in (base, gateway):
+            is_gateway = row is gateway
+            lines.append(
+                (
+                    scenario,
+                    row.target,
+                    f"{row.median('rps'):,.0f}",
+                    f"{row.median('rps') / base.median('rps'):.2f}",
+                    _ms(row.median("p50_ms")),
+                    _ms(row.median("p99_ms")),
+                    _ms(row.median("p50_c1_ms")),
+                    f"{row.median('p50_c1_ms') - base.median('p50_c1_ms'):+.3f}",
+                    f"{row.median('envoy_us'):.1f}",
+                    f"{row.median('processor_us'):.1f}" if is_gateway else "—",
+                    f"{row.median('processor_rss_mb'):.1f}" if is_gateway else "—",
+                    f"{row.median('extproc_calls'):.2f}" if is_gateway else "—",
+                    str(sum(s.errors for s in row.samples)),
+                    f"{row.median('other_cpu_pct'):.0f}",
+                )
+            )
+    return _table(header, lines)
+
+
+def sse_table(report: Report) -> list[str]:
+    direct = report.ttfb[TTFB_DIRECT]["first_event_ms"]
+    lines = [
+        (
+            name,
+            _ms(t["first_byte_ms"]),
+            _ms(t["first_event_ms"]),
+            f"{t['first_event_ms'] - direct:+.3f}",
+        )
+        for name, t in report.ttfb.items()
+    ]
+    return _table(("path", "first byte ms", "first event ms", "Δ first event vs direct ms"), lines)
+
+
+def streams_table(report: Report) -> list[str]:
+    return _table(("measure", "value"), [(k, f"{v:g}") for k, v in report.streams.items()])
+
+
+def targets(report: Report) -> list[tuple[str, str, bool]]:
+    """The issue's targets: (what, measured, met)."""
+    checks: list[tuple[str, str, bool]] = []
+    names = {r.scenario for r in report.rows}
+    if CLIENT in names:
+        base, gw = report.pair(CLIENT)
+        ratio = gw.median("rps") / base.median("rps")
+        delta = gw.median("p50_c1_ms") - base.median("p50_c1_ms")
+        checks.append(("(a) throughput ≥ 0.90x bare Envoy", f"{ratio:.2f}x", ratio >= 0.90))
+        checks.append(("(a) p50 @1 conn ≤ bare + 0.1 ms", f"{delta:+.3f} ms", delta <= 0.1))
+    if INJECT in names:
+        base, gw = report.pair(INJECT)
+        cpu = gw.median("processor_us")
+        ratio = gw.median("rps") / base.median("rps")
+        delta = gw.median("p50_c1_ms") - base.median("p50_c1_ms")
+        checks.append(("(b) processor CPU ≤ 150 µs/req", f"{cpu:.0f} µs", cpu <= 150))
+        checks.append(("(b) throughput ≥ 0.25x bare Envoy", f"{ratio:.2f}x", ratio >= 0.25))
+        checks.append(("(b) p50 @1 conn ≤ bare + 0.5 ms", f"{delta:+.3f} ms", delta <= 0.5))
+    if report.ttfb:
+        gw_event = report.ttfb[TTFB_INJECTED]["first_event_ms"]
+        delta = gw_event - report.ttfb[TTFB_DIRECT]["first_event_ms"]
+        checks.append(("SSE first event ≤ direct + 1 ms", f"{delta:+.3f} ms", delta <= 1.0))
+    if report.streams:
+        held = report.streams[STREAMS_HELD]
+        rss = report.streams[STREAMS_RSS]
+        checks.append(("SSE streams hold no processor stream", f"{held:g} open", held == 0))
+        checks.append(("processor RSS ≤ 80 MB with the streams", f"{rss:.1f} MB", rss <= 80))
+    return checks
+
+
+def markdown(report: Report) -> str:
+    meta = report.meta
+    out = [
+        f"# Gateway benchmark {meta['started']}",
+        "",
+        f"{meta['machine']}; Envoy {meta['envoy']} with --concurrency 1; "
+        f"wrk -t1, {meta['duration_s']:g}s per run, median of {meta['runs']} runs "
+        f"(targets alternate); processor: `{meta['processor']}` "
+        f"(server: {meta['server']}, workers: {meta['workers']}); commit {meta['commit']}.",
+        "",
+        "## Load (32 connections unless noted)",
+        "",
+        *load_table(report),
+    ]
+    if report.ttfb:
+        out += ["", f"## SSE time to first byte (median of {meta['sse_samples']})", ""]
+        out += sse_table(report)
+    if report.streams:
+        out += ["", "## Concurrent SSE streams through the gateway", "", *streams_table(report)]
+    checks = targets(report)
+    if checks:
+        out += ["", "## Targets (issue 6)", ""]
+        out += _table(
+            ("target", "measured", "met"), [(w, m, "yes" if ok else "NO") for w, m, ok in checks]
+        )
+    return "\n".join(out) + "\n"
+
+
+def write(report: Report, folder: Path) -> tuple[Path, Path]:
+    """Save ``bench-<time>.md`` and ``.json`` under ``folder``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"bench-{report.meta['started'].replace(':', '').replace('-', '')}"
+    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+    md.write_text(markdown(report))
+    data = {
+        "meta": report.meta,
+        "load": [
+            {
+                "scenario": row.scenario,
+                "target": row.target,
+                "median": {name: row.median(name) for name in Sample.__dataclass_fields__},
+                "runs": [asdict(s) for s in row.samples],
+            }
+            for row in report.rows
+        ],
+        "sse_ttfb": report.ttfb,
+        "sse_streams": report.streams,
+        "targets": [{"target": w, "measured": m, "met": ok} for w, m, ok in targets(report)],
+    }
+    js.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return md, js

@@ -1,0 +1,85 @@
+"""Fixtures that start real upstreams and gateways, and show their logs when a test fails.
+
+Anything with a ``report()`` method that a fixture passes to ``watch`` has its
+report attached to the failing test's output (setup or call); passing tests
+print nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from harness import Gateway, RecordingUpstream
+from harness.gateway import Route
+
+
+class Reporter(Protocol):
+    name: str
+
+    def report(self) -> str: ...
+
+
+_WATCHED = pytest.StashKey[list[Reporter]]()
+
+
+def _watch(request: pytest.FixtureRequest, *things: Reporter) -> None:
+    request.node.stash.setdefault(_WATCHED, []).extend(things)
+
+
+@pytest.fixture
+def watch(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``watch(*things)``: show their reports if this test fails (for module-scoped gateways)."""
+    return lambda *things: _watch(request, *things)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        for thing in item.stash.get(_WATCHED, []):
+            report.sections.append((f"report of {thing.name}", thing.report()))
+    return report
+
+
+@pytest.fixture
+def start_upstream(request: pytest.FixtureRequest) -> Iterator[Callable[..., RecordingUpstream]]:
+    """``start_upstream(name, tls=None)`` → a running RecordingUpstream, stopped after the test."""
+    with ExitStack() as stack:
+
+        def start(name: str = "upstream", **options: Any) -> RecordingUpstream:
+            upstream = RecordingUpstream(name, **options)
+            _watch(request, upstream)
+            return stack.enter_context(upstream)
+
+        yield start
+
+
+@pytest.fixture
+def upstream(start_upstream: Callable[..., RecordingUpstream]) -> RecordingUpstream:
+    return start_upstream("upstream")
+
+
+@pytest.fixture
+def start_gateway(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., Gateway]]:
+    """``start_gateway(routes, env=..., listener=..., extproc=..., top=...)`` → a running Gateway.
+
+    Every gateway started is stopped after the test (Envoy first), pass or fail,
+    even when stopping another one fails.
+    """
+    with ExitStack() as stack:
+        count = 0
+
+        def start(routes: list[Route], **options: Any) -> Gateway:
+            nonlocal count
+            gateway = Gateway(tmp_path / f"gateway-{count}", routes, **options)
+            count += 1
+            _watch(request, gateway)
+            return stack.enter_context(gateway)
+
+        yield start

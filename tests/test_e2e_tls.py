@@ -1,0 +1,143 @@
+"""TLS on both sides of the gateway, with certificates made in the test (trustme).
+
+Upstream: the route's ``ca_file`` decides whom Envoy trusts; a certificate from
+another CA must stop the connection before any header (so any key) is sent.
+Downstream: ``listener.tls`` serves HTTP/1.1 and HTTP/2 (ALPN) to clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from harness import (
+    CertFiles,
+    Gateway,
+    RecordingUpstream,
+    credential_route,
+    http1,
+    http2,
+    make_certs,
+    raw_request,
+)
+
+SERVER_KEY = "sk-ant-api03-server-key-tls"
+CLIENT_KEY = "sk-ant-api03-client-key-tls"
+OAUTH = "Bearer sk-ant-oat01-tls-client"
+
+pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
+
+
+@pytest.fixture
+def tls_upstream(
+    tmp_path: Path, start_upstream: Callable[..., RecordingUpstream]
+) -> tuple[RecordingUpstream, Path]:
+    """An HTTPS upstream for ``localhost`` and the CA file that trusts it."""
+    certs = make_certs(tmp_path / "upstream-certs", "localhost")
+    return start_upstream("tls-upstream", tls=certs.server_context()), certs.ca_file
+
+
+def tls_route(upstream: RecordingUpstream, ca_file: Path) -> dict[str, object]:
+    return credential_route("anthropic", upstream.url("localhost"), ca_file=str(ca_file))
+
+
+def test_https_upstream_trusted_by_the_route_ca_gets_the_server_key(
+    start_gateway: Callable[..., Gateway], tls_upstream: tuple[RecordingUpstream, Path]
+) -> None:
+    upstream, ca_file = tls_upstream
+    gateway = start_gateway([tls_route(upstream, ca_file)], env={"ANTHROPIC_KEY": SERVER_KEY})
+    with http1(gateway.base_url) as client:
+        reply = client.post("/anthropic/v1/messages", json={})
+    assert reply.status_code == 200
+    seen = upstream.only_request()
+    assert seen.values("x-api-key") == [SERVER_KEY.encode()]
+    assert seen.values("host") == [f"localhost:{upstream.port}".encode()]
+
+
+def test_https_upstream_receives_the_client_oauth_token_unchanged(
+    start_gateway: Callable[..., Gateway], tls_upstream: tuple[RecordingUpstream, Path]
+) -> None:
+    upstream, ca_file = tls_upstream
+    gateway = start_gateway([tls_route(upstream, ca_file)], env={"ANTHROPIC_KEY": SERVER_KEY})
+    with http1(gateway.base_url) as client:
+        reply = client.post("/anthropic/v1/messages", json={}, headers={"authorization": OAUTH})
+    assert reply.status_code == 200
+    seen = upstream.only_request()
+    assert seen.values("authorization") == [OAUTH.encode()]
+    assert not seen.has("x-api-key")
+
+
+@pytest.mark.parametrize(
+    "credential", [{}, {"x-api-key": CLIENT_KEY}], ids=["server-key", "client-key"]
+)
+def test_upstream_with_a_certificate_from_another_ca_never_sees_a_key(
+    start_gateway: Callable[..., Gateway],
+    tls_upstream: tuple[RecordingUpstream, Path],
+    tmp_path: Path,
+    credential: dict[str, str],
+) -> None:
+    upstream, _right_ca = tls_upstream
+    wrong_ca = make_certs(tmp_path / "other-ca", "localhost").ca_file
+    gateway = start_gateway([tls_route(upstream, wrong_ca)], env={"ANTHROPIC_KEY": SERVER_KEY})
+    with http1(gateway.base_url) as client:
+        reply = client.post("/anthropic/v1/messages", json={}, headers=credential)
+    assert reply.status_code == 503
+    assert reply.headers["content-type"] == "application/json"
+    assert upstream.requests == []
+    assert upstream.wait_handshake_failures(1) >= 1  # Envoy connected and refused the certificate
+
+
+@pytest.fixture
+def tls_gateway(
+    tmp_path: Path, start_gateway: Callable[..., Gateway], upstream: RecordingUpstream
+) -> tuple[Gateway, CertFiles]:
+    """A gateway whose listener serves TLS with a test certificate, and the client context."""
+    certs = make_certs(tmp_path / "listener-certs")
+    listener = {"tls": {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file)}}
+    gateway = start_gateway(
+        [credential_route("anthropic", upstream.url())],
+        env={"ANTHROPIC_KEY": SERVER_KEY},
+        listener=listener,
+    )
+    return gateway, certs
+
+
+PROTOCOLS = {"http1": (http1, "HTTP/1.1"), "http2": (http2, "HTTP/2")}
+# (client headers, the credential header to look at upstream, the value it must have there)
+CASES = {
+    "injected": ({}, "x-api-key", SERVER_KEY),
+    "oauth": ({"authorization": OAUTH}, "authorization", OAUTH),
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS.values(), ids=PROTOCOLS.keys())
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_tls_listener_serves_http1_and_http2_with_the_same_decision(
+    tls_gateway: tuple[Gateway, CertFiles],
+    upstream: RecordingUpstream,
+    protocol: tuple[Callable[..., httpx.Client], str],
+    case: tuple[dict[str, str], str, str],
+) -> None:
+    (client_factory, version), (credential, header, expected) = protocol, case
+    gateway, certs = tls_gateway
+    assert gateway.base_url.startswith("https://")
+    with client_factory(gateway.base_url, verify=certs.client_context()) as client:
+        reply = client.post("/anthropic/v1/messages", json={}, headers=credential)
+    assert reply.status_code == 200
+    assert reply.http_version == version
+    seen = upstream.only_request()
+    assert seen.values(header) == [expected.encode()]
+    assert seen.values("x-forwarded-proto") == [b"https"]
+
+
+def test_tls_listener_keeps_raw_credential_bytes_over_http1(
+    tls_gateway: tuple[Gateway, CertFiles], upstream: RecordingUpstream
+) -> None:
+    gateway, certs = tls_gateway
+    context = certs.client_context()
+    headers = [("X-API-KEY", b"sk-\xe9-client")]
+    reply = raw_request(gateway.listener_port, "/anthropic/v1/messages", headers, tls=context)
+    assert reply.status == 200
+    assert upstream.only_request().values("x-api-key") == [b"sk-\xe9-client"]
