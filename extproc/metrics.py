@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from extproc.decision import Outcome
 from extproc.model import Endpoint
 from extproc.processor import Answer
 
@@ -23,6 +24,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._version = ""
+        self._decision_children: dict[tuple[str, Outcome, str], Counter] = {}
         self.decisions = Counter(
             "gateway_decisions",
             "Credential decisions made by the processor, by route, outcome and gateway-key client.",
@@ -56,8 +58,15 @@ class Metrics:
         )
 
     def decided(self, answer: Answer, seconds: float) -> None:
+        """Count one decision; label children are cached (``labels()`` is a locked lookup)."""
         assert answer.outcome is not None
-        self.decisions.labels(answer.route, answer.outcome.value, answer.client).inc()
+        key = (answer.route, answer.outcome, answer.client)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(
+                key[0], key[1].value, key[2]
+            )
+        child.inc()
         self.processing_seconds.observe(seconds)
 
     def loaded(self, version: str, ok: bool) -> None:
