@@ -5,6 +5,8 @@ Readiness is polled with a deadline that raises; nothing sleeps "long enough".
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import shutil
 import signal
@@ -14,11 +16,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.model import Endpoint
+
+PR_SET_PDEATHSIG = 1
 
 
 class NotReady(RuntimeError):
@@ -146,6 +151,22 @@ def wait_listening(
 def envoy_command(envoy: str, bootstrap: Path, log_level: str = "warning") -> list[str]:
     # No hot restart: parallel gateways (and test runs) must not share shared memory.
     return [envoy, "-c", str(bootstrap), "--disable-hot-restart", "--log-level", log_level]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the parent dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_child(command: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """Start a managed child in its own process group.
+
+    A terminal's Ctrl-C then reaches only the parent, which stops the children
+    in order (Envoy drained first) instead of all of them at once; and the
+    child is stopped if the parent dies.
+    """
+    return subprocess.Popen(command, process_group=0, preexec_fn=_die_with_parent, **options)  # noqa: PLW1509
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:

@@ -10,6 +10,7 @@ processor. If either dies, the other is stopped too.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,11 +60,11 @@ def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SEC
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     serve = [sys.executable, "-m", "extproc", "serve", str(config_path), "--xds-dir", str(xds_dir)]
-    extproc = subprocess.Popen(serve)
+    extproc = processes.start_child(serve)
     envoy_process: subprocess.Popen[bytes] | None = None
     try:
         processes.wait_serving(f"{config.extproc.address}:{config.extproc.port}", 30, extproc)
-        envoy_process = subprocess.Popen(processes.envoy_command(envoy_binary, bootstrap))
+        envoy_process = processes.start_child(processes.envoy_command(envoy_binary, bootstrap))
         processes.wait_envoy_ready(config.admin, 30, envoy_process)
         processes.wait_listening(config.admin, config.listener.port, 10, envoy_process)
         print(banner(config), flush=True)
@@ -80,3 +81,4 @@ def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SEC
             processes.drain_envoy(config.admin, drain_seconds)
             processes.stop(envoy_process)
         processes.stop(extproc)
+        shutil.rmtree(run_dir, ignore_errors=True)

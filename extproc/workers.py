@@ -25,6 +25,7 @@ from types import FrameType
 
 from extproc.metrics import MULTIPROCESS_ENV, Metrics, serve_workers
 from extproc.model import GatewayConfig
+from extproc.processes import start_child
 from extproc.reload import PolicyHolder, watch
 from extproc.xds import XdsWriter, atomic_write
 
@@ -102,7 +103,7 @@ class Supervisor:
         return 0
 
     def _start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command, env=self.env)
+        return start_child(self.command, env=self.env)
 
     def _restart_dead(self) -> None:
         for index, worker in enumerate(self.workers):
