@@ -16,6 +16,7 @@ from extproc import model
 from extproc.sections import ConfigError, Problems, Section, field_name
 from extproc.yamlsource import Document, YamlSyntaxError, load
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # RFC 9110 token, lower case, and no underscores: Envoy rejects those names at the edge.
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^`|~-]+$")
@@ -76,6 +77,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     assert listener and admin and extproc and metrics  # no problems → every part was built
     return model.GatewayConfig(
         source=source,
+        source_digest=doc.digest,
         listener=listener,
         admin=admin,
         extproc=extproc,
@@ -124,10 +126,7 @@ class _Parser:
         strict = s.flag("for_client_credentials", False)
         if keys_file is None or header is None or strict is None:
             return None
-        origin = (
-            f"{self.problems.doc.filename}:{self.problems.doc.line_of(s.path)} {field_name(s.path)}"
-        )
-        return model.AccessControl(keys_file, header, strict, origin)
+        return model.AccessControl(keys_file, header, strict, self._origin(s))
 
     def route_access(self, s: Section) -> model.AccessControl | None:
         """The route's own ``access``, ``false`` for none, or the top-level default."""
@@ -289,12 +288,19 @@ class _Parser:
         if (env is None) == (file is None):
             s.error(None, "give exactly one of env, file")
             return None
+        if env is not None and not _ENV_NAME.match(env):
+            # Never echoed: a key pasted here instead of a variable name must not reach a log.
+            s.error("env", "expected an environment variable name (letters, digits, '_')")
+            return None
         if optional is None:
             return None
-        origin = (
+        return model.SecretRef(env, file, optional, self._origin(s))
+
+    def _origin(self, s: Section) -> str:
+        """Where a section is, for messages about what it names: ``gateway.yaml:8 routes[0]...``."""
+        return (
             f"{self.problems.doc.filename}:{self.problems.doc.line_of(s.path)} {field_name(s.path)}"
         )
-        return model.SecretRef(env, file, optional, origin)
 
 
 def _valid_header(name: str) -> bool:

@@ -31,6 +31,7 @@ class Outcome(Enum):
     INJECTED = "injected"
     REJECTED = "rejected"  # no client credential and no server credential configured
     DENIED = "denied"  # gateway key missing or invalid
+    UNKNOWN_ROUTE = "unknown_route"  # Envoy named a route the processor does not know: 503
 
     @property
     def credential_source(self) -> str:

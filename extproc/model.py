@@ -149,6 +149,7 @@ class Route:
 @dataclass(frozen=True)
 class GatewayConfig:
     source: Path
+    source_digest: str
     listener: Listener
     admin: Endpoint
     extproc: ExtprocSettings

@@ -127,7 +127,7 @@ def _rejection(route: Route, outcome: Outcome, client: str) -> ext_proc.Processi
 
 def _version(config: GatewayConfig, routes: Mapping[str, CompiledRoute]) -> str:
     """Changes when the config, a secret or a keys file changes; reveals nothing about them."""
-    digest = hashlib.sha256(config.source.read_bytes() if config.source.exists() else b"")
+    digest = hashlib.sha256(config.source_digest.encode())
     for name in sorted(routes):
         route = routes[name]
         digest.update(name.encode() + b"\0")

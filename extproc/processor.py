@@ -11,13 +11,14 @@ from typing import NamedTuple
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
+from extproc import responses
 from extproc.decision import Outcome, decide
 from extproc.policy import Policy
 from extproc.responses import PHASE_REPLIES
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 ROUTE_ATTRIBUTE = "xds.route_name"
-_UNMANAGED = PHASE_REPLIES["request_headers"]
+_UNKNOWN_ROUTE = responses.unknown_route().SerializeToString()
 
 
 class MalformedRequest(ValueError):
@@ -26,8 +27,8 @@ class MalformedRequest(ValueError):
 
 class Answer(NamedTuple):
     payload: bytes
-    route: str  # the YAML route name; "" when the request is on no credential route
-    outcome: Outcome | None  # None: nothing was decided (unmanaged route or another phase)
+    route: str  # the YAML route name (for an unknown route: the name Envoy sent)
+    outcome: Outcome | None  # None: another phase, nothing decided
     client: str = ""  # the gateway key's client name
     final: bool = True  # nothing more to decide on this stream: end it
 
@@ -42,7 +43,7 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
     route_name = request.attributes[ATTRIBUTES_KEY].fields[ROUTE_ATTRIBUTE].string_value
     route = policy.routes.get(route_name)
     if route is None:
-        return Answer(_UNMANAGED, "", None)
+        return Answer(_UNKNOWN_ROUTE, route_name, Outcome.UNKNOWN_ROUTE)
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
     if decision.remove:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -48,9 +48,10 @@ class PolicyHolder:
         self.config_path = config_path
         self._metrics = metrics
         self._environ = environ
-        self._on_loaded = on_loaded
+        self._on_loaded = on_loaded  # hands Envoy the new routes; raises OSError if it cannot
+        self._lock = threading.Lock()  # one load at a time (watcher, SIGHUP)
         self._policy: Policy | None = None
-        self._own: Policy | None = None  # the current config's routes, without retired ones
+        self._delivered: Policy | None = None  # the routes Envoy has been given
         self.config: GatewayConfig | None = None  # the config the current policy came from
         self.last_error = ""
 
@@ -62,34 +63,40 @@ class PolicyHolder:
 
     def load(self) -> bool:
         """Load config + secrets; on failure keep the last good policy and report why."""
-        try:
-            config = load_config(self.config_path)
-            if self.config is not None and (problems := _restart_only_changes(self.config, config)):
-                raise ConfigError(f"{self.config_path.name}: {p}" for p in problems)
-            policy = compile_policy(config, self._environ)
-        except ConfigError as exc:
-            self.last_error = "; ".join(exc.problems)
-            self._metrics.loaded("", ok=False)
-            kept = "keeping the last good config" if self._policy else "nothing to serve"
-            log.error("config not loaded (%s):\n  %s", kept, "\n  ".join(exc.problems))
-            return False
-        # The processor learns the new route names before Envoy can route by them.
-        self._swap(config, policy)
-        if self._on_loaded is not None:
+        with self._lock:
             try:
-                self._on_loaded(config)
-            except OSError as exc:
-                log.error("Envoy's resource files not written (Envoy keeps its routes): %s", exc)
+                config = load_config(self.config_path)
+                if self.config is not None and (
+                    problems := _restart_only_changes(self.config, config)
+                ):
+                    raise ConfigError(f"{self.config_path.name}: {p}" for p in problems)
+                policy = compile_policy(config, self._environ)
+                # The processor learns the new route names before Envoy can route by them,
+                # and keeps the names Envoy has now, for requests it routed by them.
+                self._swap(config, policy)
+                if self._on_loaded is not None:
+                    self._on_loaded(config)
+            except (ConfigError, OSError) as exc:
+                self._failed(exc.problems if isinstance(exc, ConfigError) else (str(exc),))
                 return False
-        return True
+            self._delivered = policy
+            self._metrics.loaded(policy.version, ok=True)
+            self._log_loaded(config, policy)
+            return True
 
     def _swap(self, config: GatewayConfig, policy: Policy) -> None:
-        # Routes of the previous config stay known for one generation: requests that
-        # Envoy routed just before it read the new routes still get their own key.
-        retired = {} if self._own is None else dict(self._own.routes)
-        merged = replace(policy, routes=MappingProxyType({**retired, **policy.routes}))
-        self._policy, self._own, self.config, self.last_error = merged, policy, config, ""
-        self._metrics.loaded(policy.version, ok=True)
+        known = {} if self._delivered is None else dict(self._delivered.routes)
+        self._policy = replace(policy, routes=MappingProxyType({**known, **policy.routes}))
+        self.config, self.last_error = config, ""
+
+    def _failed(self, problems: Sequence[str]) -> None:
+        self.last_error = "; ".join(problems)
+        self._metrics.loaded("", ok=False)
+        kept = "keeping the last good config" if self._delivered else "nothing to serve"
+        log.error("config not loaded (%s):\n  %s", kept, "\n  ".join(problems))
+
+    @staticmethod
+    def _log_loaded(config: GatewayConfig, policy: Policy) -> None:
         for warning in warnings(config):
             log.warning("%s", warning)
         for route in policy.missing_optional:

@@ -99,15 +99,25 @@ def error_body(style: ErrorStyle, message: str, kind: str = "authentication_erro
     return json.dumps(body).encode()
 
 
-def unmanaged() -> ext_proc.ProcessingResponse:
-    """For requests on no credential route (e.g. no route matched): change nothing."""
-    return ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
+def unknown_route() -> ext_proc.ProcessingResponse:
+    """A route name the policy does not know: fail closed with a retryable 503, no upstream call.
+
+    The processor only runs on credential routes, so this means Envoy and the
+    processor disagree about the config (e.g. mid-rollout): never guess a key.
+    Envoy's local-reply config gives the body its JSON shape.
+    """
+    return ext_proc.ProcessingResponse(
+        immediate_response=ext_proc.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
+            details="credential_gateway_unknown_route",
+        ),
+        dynamic_metadata=_metadata("", Outcome.UNKNOWN_ROUTE, ""),
+    )
 
 
 # Replies for phases this processor never asks for, should Envoy send one anyway.
 PHASE_REPLIES = MappingProxyType(
     {
-        "request_headers": unmanaged().SerializeToString(),
         "response_headers": ext_proc.ProcessingResponse(
             response_headers=ext_proc.HeadersResponse()
         ).SerializeToString(),

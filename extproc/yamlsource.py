@@ -8,6 +8,7 @@ the usual ``safe_load`` throws them away.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class Document:
     data: Any
     lines: dict[Path_, int] = field(default_factory=dict)
     duplicate_keys: tuple[Path_, ...] = ()
+    digest: str = ""  # sha256 of the text parsed, so versions name exactly what was loaded
 
     def line_of(self, path: Path_) -> int:
         """The line of ``path``, or of its nearest ancestor that exists."""
@@ -63,7 +65,8 @@ def loads(text: str, filename: str) -> Document:
         return Document(filename, None, lines)
     converter = _Converter(lines)
     data = converter.value(node, ())
-    return Document(filename, data, lines, tuple(converter.duplicates))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return Document(filename, data, lines, tuple(converter.duplicates), digest)
 
 
 class _Converter:

@@ -98,6 +98,14 @@ def test_a_pasted_key_is_never_echoed(tmp_path: Path) -> None:
     assert "routes[0].credential.secret: expected a mapping, got a string" in found
 
 
+def test_a_key_pasted_as_the_variable_name_is_never_echoed(tmp_path: Path) -> None:
+    found = problems(GOOD.replace("{env: K}", "{env: sk-ant-api03-PASTED}"), tmp_path)
+    assert found == [
+        "gateway.yaml:8 routes[0].credential.secret.env: expected an environment variable name "
+        "(letters, digits, '_')"
+    ]
+
+
 def test_missing_env_secret_names_the_variable_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text(GOOD)

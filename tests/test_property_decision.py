@@ -241,9 +241,10 @@ def test_processor_answer_carries_the_key_iff_the_oracle_says_inject(
     reply = pb.ProcessingResponse.FromString(answer.payload)
     rule = _rule(compiled, route)
     secret = compiled.values.get(route, SERVER_KEY)
-    if rule is None:  # no credential route: leave the request alone
-        assert answer.outcome is None
-        assert reply == pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+    if rule is None:  # a route the policy does not know: fail closed, never a key
+        assert answer.outcome is Outcome.UNKNOWN_ROUTE
+        assert reply.immediate_response.status.code == 503
+        assert SERVER_KEY not in answer.payload and BEARER_KEY not in answer.payload
         return
     want = expected(rule, headers)
     assert (secret in answer.payload) == want.inject

@@ -127,17 +127,19 @@ def test_missing_optional_secret_answers_401_json_without_forwarding(setup) -> N
     assert metrics.decisions.labels("unpaid", "rejected", "")._value.get() == 1
 
 
-def test_unknown_route_is_left_alone_without_metadata(setup) -> None:
-    server, _, _ = setup
-    answer, _ = exchange(server, headers_request("", accept=b"*/*"))
-    assert answer.HasField("request_headers") and not answer.request_headers.HasField("response")
-    assert not answer.HasField("dynamic_metadata")
+def test_an_unknown_route_fails_closed_with_503_and_is_counted(setup) -> None:
+    server, metrics, _ = setup
+    answer, code = exchange(server, headers_request("paid-00000000", accept=b"*/*"))
+    assert answer.immediate_response.status.code == 503
+    assert code is grpc.StatusCode.OK
+    assert metrics.decisions.labels("paid-00000000", "unknown_route", "")._value.get() == 1
 
 
 def test_a_route_name_from_a_client_header_means_nothing(setup) -> None:
-    server, _, _ = setup
-    answer, _ = exchange(server, headers_request("", host=b"paid", x_route=b"paid"))
-    assert not answer.request_headers.HasField("response")
+    server, _, names = setup
+    answer, _ = exchange(server, headers_request("", host=names["paid"].encode(), x_route=b"paid"))
+    assert answer.immediate_response.status.code == 503
+    assert not answer.HasField("request_headers")
 
 
 def test_other_phases_get_a_valid_pass_through_and_the_stream_stays_open(setup) -> None:
