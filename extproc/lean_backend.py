@@ -26,7 +26,7 @@ from extproc.servicer import SERVICE_NAME, PolicySource
 log = logging.getLogger("extproc")
 PROCESS_PATH = f"/{SERVICE_NAME}/Process".encode()
 HEALTH_CHECK_PATH = b"/grpc.health.v1.Health/Check"
-INVALID_ARGUMENT, NOT_FOUND = 3, 5
+INVALID_ARGUMENT, NOT_FOUND, INTERNAL = 3, 5, 13
 
 
 class Health:
@@ -65,6 +65,9 @@ def process_method(source: PolicySource, metrics: Metrics) -> Method:
             answer = process(source.policy, request)
         except (DecodeError, MalformedRequest) as exc:
             return None, INVALID_ARGUMENT, str(exc)
+        except Exception:  # a bug must fail this call only, not every call on the connection
+            log.exception("processing failed")
+            return None, INTERNAL, "internal error"
         if answer.outcome is not None:
             metrics.decided(answer, clock() - start)
         return answer.payload, (0 if answer.final else None), ""

@@ -32,6 +32,7 @@ from extproc.xds import XdsWriter, atomic_write
 log = logging.getLogger("extproc.workers")
 RESTART_DELAY_S = 1.0
 RELOAD_DEADLINE_S = 5.0
+MAX_BACKOFF_S = 60.0
 
 
 def report_version(control_dir: Path, version: str) -> None:
@@ -58,6 +59,9 @@ class Supervisor:
             str(self.run_dir),
         ]
         self.workers: list[subprocess.Popen[bytes]] = []
+        self._started_at: dict[int, float] = {}  # by worker slot
+        self._backoff: dict[int, float] = {}
+        self._not_before: dict[int, float] = {}
 
     def _roll_out(self, config: GatewayConfig) -> None:
         """Every worker reloads and confirms before Envoy gets the new routes."""
@@ -70,6 +74,14 @@ class Supervisor:
             )
         if self.writer is not None:
             self.writer.write(config)
+
+    def _load(self) -> bool:
+        """A failed load is passed on too: each worker then reports it in health and metrics."""
+        ok = self.holder.load()
+        if not ok:
+            for worker in self.workers:
+                worker.send_signal(signal.SIGHUP)
+        return ok
 
     def _confirmed(self, version: str) -> bool:
         deadline = time.monotonic() + RELOAD_DEADLINE_S
@@ -94,7 +106,9 @@ class Supervisor:
         self.workers = [self._start() for _ in range(config.extproc.workers)]
         if config.metrics is not None:
             serve_workers(config.metrics, self.run_dir / "metrics")
-        threading.Thread(target=watch, args=(self.holder, stop), name="reload", daemon=True).start()
+        threading.Thread(
+            target=watch, args=(self.holder, stop, self._load), name="reload", daemon=True
+        ).start()
         try:
             while not stop.wait(RESTART_DELAY_S):
                 self._restart_dead()
@@ -106,10 +120,19 @@ class Supervisor:
         return start_child(self.command, env=self.env)
 
     def _restart_dead(self) -> None:
+        """Replace dead workers, backing off (up to a minute) while they keep dying."""
+        now = time.monotonic()
         for index, worker in enumerate(self.workers):
-            if worker.poll() is not None:
-                log.error("worker %d exited with %s; restarting it", worker.pid, worker.returncode)
-                self.workers[index] = self._start()
+            if worker.poll() is None or now < self._not_before.get(index, 0.0):
+                continue
+            log.error("worker %d exited with %s; restarting it", worker.pid, worker.returncode)
+            quick = now - self._started_at.get(index, 0.0) < MAX_BACKOFF_S
+            self._backoff[index] = (
+                min(MAX_BACKOFF_S, self._backoff.get(index, 0.5) * 2) if quick else 1.0
+            )
+            self._not_before[index] = now + self._backoff[index]
+            self.workers[index] = self._start()
+            self._started_at[index] = now
 
     def _stop_all(self) -> None:
         for worker in self.workers:
