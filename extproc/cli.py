@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     from extproc.server import serve  # grpc only when serving
 
     xds_dir = args.xds_dir.resolve() if args.xds_dir else None
-    return serve(args.config, xds_dir=xds_dir, worker_dir=args.worker)
+    return serve(args.config, xds_dir=xds_dir, worker_dir=args.worker, socket=args.socket)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -60,7 +60,7 @@ def _health(args: argparse.Namespace) -> int:
 
     settings = load_config(args.config).extproc
     try:
-        status = health_status(f"{settings.address}:{settings.port}", timeout=args.timeout)
+        status = health_status(settings.target, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"not healthy: {exc.code().name}", file=sys.stderr)
         return 1
@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     serve = add("serve", _serve, "run the ext_proc service alone (Envoy runs elsewhere)")
     _xds_dir_option(serve)
     serve.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # set by workers.Supervisor
+    serve.add_argument(
+        "--socket", type=Path, help="listen on this Unix socket instead of extproc.address/port"
+    )
     up = add("up", _up, "run the ext_proc service and Envoy together")
     up.add_argument("--envoy", default="envoy", help="the envoy binary (default: from PATH)")
     health = add("health", _health, "exit 0 iff the ext_proc service is SERVING")

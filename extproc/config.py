@@ -71,7 +71,8 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         for index, route in enumerate(routes):
             if route and route.credential and route.access is None:
                 problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
-    _check_ports(top, listener, admin, extproc, metrics if top.has("metrics") else None)
+    tcp_extproc = extproc if extproc and not extproc.socket else None
+    _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
     if problems.items:
         raise ConfigError(problems.items)
     assert listener and admin and extproc and metrics  # no problems → every part was built
@@ -89,7 +90,9 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
 _LISTENER = [
     "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
 ]  # fmt: skip
-_EXTPROC = ["address", "port", "failure_mode", "timeout_ms", "workers", "fast_path", "server"]
+_EXTPROC = [
+    "address", "port", "socket", "failure_mode", "timeout_ms", "workers", "fast_path", "server",
+]  # fmt: skip
 _ROUTE = [
     "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
     "timeout_s", "connect_timeout_s", "retries",
@@ -182,7 +185,14 @@ class _Parser:
             "fast_path": s.flag("fast_path", True),
             "server": s.choice("server", model.ServerKind, model.ServerKind.LEAN),
         }
-        return None if None in values.values() else model.ExtprocSettings(**values)
+        socket = self._path(s, "socket")
+        if socket is not None and (s.has("address") or s.has("port")):
+            s.error("socket", "give either socket or address/port, not both")
+            return None
+        if socket is not None and values["workers"] not in (None, 1):
+            s.error("workers", "several workers need a TCP port (SO_REUSEPORT), not a socket")
+            return None
+        return None if None in values.values() else model.ExtprocSettings(socket=socket, **values)
 
     def route(self, path: tuple[str | int, ...], raw: Any) -> model.Route | None:
         s = Section(self.problems, path, raw, _ROUTE)

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc import unixsocket
 from extproc.lifecycle import Hooks
 from extproc.metrics import Metrics
 from extproc.model import ExtprocSettings
@@ -58,13 +59,16 @@ def run(
 ) -> int:
     """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
     server = build_server(source, metrics, health, threads=16, reuse_port=settings.workers > 1)
-    address = f"{settings.address}:{settings.port}"
     try:
-        server.add_insecure_port(address)
-    except RuntimeError:
-        log.error("cannot listen on %s (port in use?)", address)
+        if settings.socket is not None:
+            unixsocket.prepare(settings.socket)
+        server.add_insecure_port(settings.target)
+    except (RuntimeError, OSError) as exc:
+        log.error("cannot listen on %s: %s", settings.where, exc)
         return 1
     server.start()
+    if settings.socket is not None:
+        unixsocket.restrict(settings.socket)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

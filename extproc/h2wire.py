@@ -7,7 +7,7 @@ so they are precomputed bytes that stay valid for any peer state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
 from urllib.parse import quote
 
 import hpack
@@ -24,16 +24,16 @@ END_HEADERS = 0x4
 PADDED = 0x8
 PRIORITY_FLAG = 0x20
 
-SETTINGS_HEADER_TABLE_SIZE = 0x1
 SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
-COMPRESSION_ERROR = 0x9
+REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x9, 0xB
 
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
+MAX_FRAME_LIMIT = 2**24 - 1  # the largest SETTINGS_MAX_FRAME_SIZE a peer may announce
 MAX_WINDOW = 2**31 - 1
 
 
@@ -66,6 +66,10 @@ def goaway(last_stream: int, code: int) -> bytes:
     return frame(GOAWAY, 0, 0, last_stream.to_bytes(4, "big") + code.to_bytes(4, "big"))
 
 
+def rst_stream(stream: int, code: int) -> bytes:
+    return frame(RST_STREAM, 0, stream, code.to_bytes(4, "big"))
+
+
 def _literal(name: bytes, value: bytes) -> bytes:
     """A header field as "literal without indexing, new name" (no dynamic table, no Huffman)."""
     assert len(name) < 127 and len(value) < 127
@@ -87,18 +91,13 @@ def trailers(status: int, message: str = "") -> bytes:
 OK_TRAILERS = trailers(0)
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHead:
-    length: int
-    kind: int
-    flags: int
-    stream: int
+_HEAD = struct.Struct(">BHBBL")  # length (24 bits: high byte, low 16), type, flags, stream
 
 
-def parse_head(buffer: bytearray | bytes, offset: int) -> FrameHead:
-    raw = buffer[offset : offset + FRAME_HEADER]
-    stream = int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF
-    return FrameHead(int.from_bytes(raw[0:3], "big"), raw[3], raw[4], stream)
+def parse_head(buffer: bytearray | bytes, offset: int) -> tuple[int, int, int, int]:
+    """A frame's (length, type, flags, stream id), read in place from ``buffer``."""
+    high, low, kind, flags, stream = _HEAD.unpack_from(buffer, offset)
+    return high << 16 | low, kind, flags, stream & 0x7FFFFFFF
 
 
 def unpad(flags: int, payload: bytes, priority_possible: bool) -> bytes:

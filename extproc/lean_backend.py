@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
+from extproc import unixsocket
 from extproc.h2server import GrpcServer, Method, Reply
 from extproc.lifecycle import Hooks
 from extproc.metrics import Metrics
@@ -97,9 +98,16 @@ def run(
     methods = {PROCESS_PATH: process_method(source, metrics), HEALTH_CHECK_PATH: health.check}
     server = GrpcServer(methods)
     try:
-        loop.run_until_complete(server.start(settings.address, settings.port, settings.workers > 1))
+        if settings.socket is not None:
+            unixsocket.prepare(settings.socket)
+            loop.run_until_complete(server.start_unix(settings.socket))
+            unixsocket.restrict(settings.socket)
+        else:
+            loop.run_until_complete(
+                server.start(settings.address, settings.port, settings.workers > 1)
+            )
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", settings.address, settings.port, exc.strerror)
+        log.error("cannot listen on %s: %s", settings.where, exc.strerror or exc)
         return 1
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -111,6 +119,8 @@ def run(
     health.set(SERVICE_NAME, False)
     loop.run_until_complete(server.stop(hooks.grace_s))
     loop.close()
+    if settings.socket is not None:
+        unixsocket.remove(settings.socket)
     return 0
 
 

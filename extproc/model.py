@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -69,6 +69,16 @@ class ExtprocSettings:
     workers: int = 1
     fast_path: bool = True  # skip the processor in Envoy when a client credential is present
     server: ServerKind = ServerKind.LEAN
+    socket: Path | None = None  # listen on this Unix socket (mode 0660) instead of address:port
+
+    @property
+    def target(self) -> str:
+        """The gRPC target for clients of the processor (health checks)."""
+        return f"unix:{self.socket}" if self.socket else f"{self.address}:{self.port}"
+
+    @property
+    def where(self) -> str:
+        return str(self.socket) if self.socket else f"{self.address}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,12 @@ class GatewayConfig:
     routes: tuple[Route, ...]
     metrics: Endpoint | None = None
     system_ca_file: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+
+    def with_socket(self, socket: Path | None) -> GatewayConfig:
+        """This config with the processor on ``socket`` (``up`` uses a private one)."""
+        if socket is None:
+            return self
+        return replace(self, extproc=replace(self.extproc, socket=socket))
 
     def open_relay_routes(self) -> list[Route]:
         """Credential routes anyone who reaches a non-loopback listener could spend."""

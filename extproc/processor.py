@@ -19,6 +19,9 @@ from extproc.responses import PHASE_REPLIES
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 ROUTE_ATTRIBUTE = "xds.route_name"
 _UNKNOWN_ROUTE = responses.unknown_route().SerializeToString()
+_NO_ROUTE = ext_proc.ProcessingResponse(
+    request_headers=ext_proc.HeadersResponse()
+).SerializeToString()
 
 
 class MalformedRequest(ValueError):
@@ -43,6 +46,8 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
     route_name = request.attributes[ATTRIBUTES_KEY].fields[ROUTE_ATTRIBUTE].string_value
     route = policy.routes.get(route_name)
     if route is None:
+        if not route_name:  # no route matched (e.g. CONNECT): Envoy's router answers 404
+            return Answer(_NO_ROUTE, "", None)
         return Answer(_UNKNOWN_ROUTE, route_name, Outcome.UNKNOWN_ROUTE)
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))

@@ -44,8 +44,10 @@ class PolicyHolder:
         metrics: Metrics,
         environ: Mapping[str, str] = os.environ,
         on_loaded: Callable[[GatewayConfig], None] | None = None,
+        socket: Path | None = None,
     ) -> None:
         self.config_path = config_path
+        self._socket = socket  # overrides extproc.socket (``up``'s private socket)
         self._metrics = metrics
         self._environ = environ
         self._on_loaded = on_loaded  # hands Envoy the new routes; raises OSError if it cannot
@@ -65,7 +67,7 @@ class PolicyHolder:
         """Load config + secrets; on failure keep the last good policy and report why."""
         with self._lock:
             try:
-                config = load_config(self.config_path)
+                config = load_config(self.config_path).with_socket(self._socket)
                 if self.config is not None and (
                     problems := _restart_only_changes(self.config, config)
                 ):

@@ -29,26 +29,34 @@ GRACE_SECONDS = 5.0
 CONFIG_HEALTH = "credential-gateway.config"
 
 
-def serve(config_path: Path, xds_dir: Path | None = None, worker_dir: Path | None = None) -> int:
+def serve(
+    config_path: Path,
+    xds_dir: Path | None = None,
+    worker_dir: Path | None = None,
+    socket: Path | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code.
 
     With ``extproc.workers`` > 1 this process supervises that many worker
     processes (``worker_dir`` set), which serve on the shared port.
     """
     try:
-        config = load_config(config_path)
+        config = load_config(config_path).with_socket(socket)
     except ConfigError as exc:
         log.error("config not loaded:\n  %s", "\n  ".join(exc.problems))
         return 2
     if config.extproc.workers > 1 and worker_dir is None:
         return Supervisor(config_path, xds_dir, GRACE_SECONDS).run(config)
-    return _serve_one(config_path, xds_dir, worker_dir)
+    return _serve_one(config_path, xds_dir, worker_dir, socket)
 
 
-def _serve_one(config_path: Path, xds_dir: Path | None, worker_dir: Path | None) -> int:
+def _serve_one(
+    config_path: Path, xds_dir: Path | None, worker_dir: Path | None, socket: Path | None
+) -> int:
     metrics = Metrics()
     writer = XdsWriter(xds_dir) if xds_dir else None
-    holder = PolicyHolder(config_path, metrics, on_loaded=writer.write if writer else None)
+    on_loaded = writer.write if writer else None
+    holder = PolicyHolder(config_path, metrics, on_loaded=on_loaded, socket=socket)
     if not holder.load():
         return 2
     config = holder.config
@@ -74,7 +82,7 @@ def _serve_one(config_path: Path, xds_dir: Path | None, worker_dir: Path | None)
     def on_started() -> None:
         for service in ("", SERVICE_NAME, CONFIG_HEALTH):
             health.set(service, True)
-        log.info("ext_proc (%s) on %s:%d", settings.server.value, settings.address, settings.port)
+        log.info("ext_proc (%s) on %s", settings.server.value, settings.where)
         if worker_dir is not None:  # the supervisor watches the files and sends SIGHUP
             report_version(worker_dir, holder.policy.version)
         else:

@@ -48,8 +48,13 @@ def banner(config: GatewayConfig) -> str:
 def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SECONDS) -> int:
     config = load_config(config_path)
     envoy_binary = processes.find_envoy(envoy)
-    run_dir = Path(tempfile.mkdtemp(prefix="credential-gateway-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="credential-gateway-"))  # mode 0700: ours alone
     xds_dir = run_dir / "xds"
+    # The processor's answers carry the key: on a shared host only we may reach it. A
+    # socket in our private folder does that; several workers need a TCP port instead.
+    private = config.extproc.socket is None and config.extproc.workers == 1
+    socket = run_dir / "extproc.sock" if private else None
+    config = config.with_socket(socket)
     bootstrap = run_dir / "envoy.yaml"
     bootstrap.write_text(render_yaml(config, xds_dir))
     stopping = threading.Event()
@@ -60,10 +65,11 @@ def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SEC
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     serve = [sys.executable, "-m", "extproc", "serve", str(config_path), "--xds-dir", str(xds_dir)]
+    serve += ["--socket", str(socket)] if socket else []
     extproc = processes.start_child(serve)
     envoy_process: subprocess.Popen[bytes] | None = None
     try:
-        processes.wait_serving(f"{config.extproc.address}:{config.extproc.port}", 30, extproc)
+        processes.wait_serving(config.extproc.target, 30, extproc)
         envoy_process = processes.start_child(processes.envoy_command(envoy_binary, bootstrap))
         processes.wait_envoy_ready(config.admin, 30, envoy_process)
         processes.wait_listening(config.admin, config.listener.port, 10, envoy_process)

@@ -148,3 +148,14 @@ def test_optional_secret_missing_starts_and_rejects(tmp_path: Path) -> None:
 def test_the_example_config_is_valid_without_any_key() -> None:
     config = load_config(Path(__file__).parent.parent / "examples" / "gateway.yaml")
     assert compile_policy(config, environ={}).missing_optional == ("anthropic", "openai")
+
+
+def test_a_socket_excludes_address_port_and_workers(tmp_path: Path) -> None:
+    both = problems(GOOD + "extproc: {socket: x.sock, port: 50051}\n", tmp_path)
+    assert both == ["gateway.yaml:9 extproc.socket: give either socket or address/port, not both"]
+    workers = problems(GOOD + "extproc: {socket: x.sock, workers: 2}\n", tmp_path)
+    assert workers == [
+        "gateway.yaml:9 extproc.workers: several workers need a TCP port (SO_REUSEPORT), not a socket"
+    ]
+    (tmp_path / "gateway.yaml").write_text(GOOD + "extproc: {socket: x.sock}\n")
+    assert load_config(tmp_path / "gateway.yaml").extproc.target == f"unix:{tmp_path}/x.sock"

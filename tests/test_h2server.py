@@ -1,8 +1,10 @@
-"""The lean processor server against real HTTP/2 peers: grpcio's client and the h2 library.
+"""The lean processor server against real HTTP/2 peers: grpcio's client, the h2 library, raw frames.
 
 grpcio proves gRPC interoperability (status codes, trailers, streams ending);
 h2 lets a test drive what Envoy rarely does: tiny flow-control windows,
-CONTINUATION frames, padding, PING and GOAWAY.
+CONTINUATION frames, padding, PING and GOAWAY; raw frames are what no correct
+library sends: protocol violations and floods, which must cost the server a
+bounded amount of memory and end in the error code RFC 9113 names.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +30,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc import h2wire as w
 from extproc.config import load_config
-from extproc.h2server import GrpcServer
+from extproc.h2server import MAX_MESSAGE, MAX_STREAMS, STREAM_WINDOW, GrpcConnection, GrpcServer
 from extproc.h2wire import HeaderDecoder
 from extproc.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_method
 from extproc.metrics import Metrics
@@ -191,6 +194,20 @@ class H2Peer:
         self.conn.send_headers(stream, headers)
         self.flush()
 
+    def settle(self) -> list[h2.events.Event]:
+        """Round-trip a PING: the server's SETTINGS and all its answers so far are in."""
+        self.conn.ping(b"settled!")
+        self.flush()
+        return self.events_until(h2.events.PingAckReceived, 0)
+
+    def send_all(self, stream: int, data: bytes, end_stream: bool = False) -> None:
+        """Send ``data`` in frames of the largest size the server allows."""
+        for at in range(0, len(data), w.DEFAULT_MAX_FRAME):
+            self.conn.send_data(stream, data[at : at + w.DEFAULT_MAX_FRAME])
+        if end_stream:
+            self.conn.end_stream(stream)
+        self.flush()
+
     def events_until(self, done: type, stream: int) -> list[h2.events.Event]:
         seen: list[h2.events.Event] = []
         while not any(
@@ -302,3 +319,267 @@ def test_header_decoder_agrees_with_hpack_on_every_kind_of_field() -> None:
         block = encoder.encode(fields, huffman=rng.random() < 0.7)
         expected = dict(reference.decode(block, raw=True))[b":path"]
         assert decoder.path(block) == expected
+
+
+# -- raw frames: what no correct HTTP/2 library sends ------------------------------------------
+
+
+def raw_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    head = len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big")
+    return head + payload
+
+
+class RawPeer:
+    """A client that writes frames byte by byte: what a correct HTTP/2 library refuses to send."""
+
+    def __init__(self, port: int, settings: bytes = b"") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.encoder = hpack.Encoder()
+        self.unread = b""
+        self.send(w.PREFACE + raw_frame(w.SETTINGS, 0, 0, settings))
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.sendall(b"".join(frames))
+
+    def headers(self, stream: int, flags: int = w.END_HEADERS) -> bytes:
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", PROCESS_PATH.decode()),
+                  (":authority", "extproc"), ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+        return raw_frame(w.HEADERS, flags, stream, self.encoder.encode(fields))
+
+    def until(self, kind: int, stream: int = 0) -> bytes:
+        """The payload of the next frame of ``kind`` on ``stream``; fails if the server hangs up."""
+        while True:
+            while len(self.unread) < 9 or len(self.unread) < 9 + int.from_bytes(self.unread[:3], "big"):  # fmt: skip
+                data = self.sock.recv(65536)
+                assert data, f"connection closed before frame type {kind} on stream {stream}"
+                self.unread += data
+            size = 9 + int.from_bytes(self.unread[:3], "big")
+            frame, self.unread = self.unread[:size], self.unread[size:]
+            if frame[3] == kind and int.from_bytes(frame[5:9], "big") == stream:
+                return frame[9:]
+
+    def error_code(self, kind: int, stream: int = 0) -> int:
+        """The error code of the next GOAWAY or RST_STREAM."""
+        payload = self.until(kind, stream)
+        return int.from_bytes(payload[-4:], "big")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def setting(key: int, value: int) -> bytes:
+    return key.to_bytes(2, "big") + value.to_bytes(4, "big")
+
+
+# -- limits: what a peer can make the server hold ----------------------------------------------
+
+
+def status_of(events: list[h2.events.Event], stream: int) -> bytes:
+    """The call's grpc-status, from its trailers or its trailers-only response."""
+    blocks = (
+        e.headers
+        for e in events
+        if isinstance(e, h2.events.ResponseReceived | h2.events.TrailersReceived)
+        and e.stream_id == stream
+    )
+    return next(value for block in blocks for name, value in block if name == b"grpc-status")
+
+
+def keep_open_request(pad: int = 0) -> bytes:
+    """A message the processor answers without ending the call (a response-headers phase)."""
+    header = base_pb2.HeaderValue(key="x-pad", raw_value=b"p" * pad)
+    request = pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[header]))
+    )
+    return grpc_frame(request.SerializeToString())
+
+
+def window_updates(events: list[h2.events.Event], stream: int) -> int:
+    return sum(e.delta for e in events if isinstance(e, h2.events.WindowUpdated) and e.stream_id == stream)  # fmt: skip
+
+
+def on_server(lean: Running, read: Callable[[GrpcConnection], int]) -> list[int]:
+    """``read`` each connection on the server's loop: for state the wire cannot show."""
+
+    async def collect() -> list[int]:
+        return [read(connection) for connection in lean.server._connections]
+
+    return asyncio.run_coroutine_threadsafe(collect(), lean.loop).result(5)
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted(lean: Running) -> None:
+    peer = H2Peer(lean.port)
+    peer.open_call(1)
+    peer.send_all(1, b"\x00" + (MAX_MESSAGE + 1).to_bytes(4, "big"))  # the prefix is enough
+    assert status_of(peer.events_until(h2.events.StreamEnded, 1), 1) == b"8"
+    peer.close()
+
+
+def test_windows_reopen_only_as_messages_are_handed_on(lean: Running) -> None:
+    peer = H2Peer(lean.port)
+    peer.settle()
+    message = keep_open_request(pad=700_000)
+    peer.open_call(1)
+    peer.send_all(1, message[:600_000])  # past half the stream window, not yet a whole message
+    assert not any(isinstance(e, h2.events.WindowUpdated) for e in peer.settle())
+    peer.send_all(1, message[600_000:])
+    events = peer.events_until(h2.events.WindowUpdated, 1)
+    assert window_updates(events, 1) == len(message)
+    assert pb.ProcessingResponse.FromString(received(events, 1)[5:]).HasField("response_headers")
+    peer.close()
+
+
+def test_partial_messages_filling_the_connection_window_get_enhance_your_calm(
+    lean: Running,
+) -> None:
+    """A peer within every window can still park 16 MiB in unfinished messages: it is cut off."""
+    peer = H2Peer(lean.port)
+    peer.settle()
+    stream = 1
+    while peer.conn.outbound_flow_control_window:
+        peer.open_call(stream)
+        room = min(peer.conn.local_flow_control_window(stream), STREAM_WINDOW - 1)
+        message_start = b"\x00" + MAX_MESSAGE.to_bytes(4, "big")
+        peer.send_all(stream, (message_start + bytes(room))[:room])
+        stream += 2
+    events = peer.events_until(h2.events.ConnectionTerminated, 0)
+    ended = next(e for e in events if isinstance(e, h2.events.ConnectionTerminated))
+    assert ended.error_code == w.ENHANCE_YOUR_CALM
+    peer.close()
+
+
+def test_messages_wait_while_their_stream_answers_wait(lean: Running) -> None:
+    """A client that never opens our window cannot queue answers: its messages wait unread."""
+    peer = H2Peer(lean.port, initial_window=0)
+    peer.settle()
+    messages = [keep_open_request(pad=4000) for _ in range(150)]  # ~600 KiB
+    peer.open_call(1)
+    peer.send_all(1, b"".join(messages), end_stream=True)
+    assert window_updates(peer.settle(), 1) == len(messages[0])  # only the one answered
+    peer.conn.increment_flow_control_window(1 << 20, stream_id=1)
+    peer.conn.increment_flow_control_window(1 << 20)
+    peer.flush()
+    events = peer.events_until(h2.events.StreamEnded, 1)
+    body = received(events, 1)
+    answer = grpc_frame(pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString())  # fmt: skip
+    assert body == answer * len(messages)
+    assert status_of(events, 1) == b"0"
+    peer.close()
+
+
+def test_data_for_a_call_already_ended_is_dropped(lean: Running) -> None:
+    """The answer waits for window, so the ended call is still known: its late bytes are not kept."""
+    peer = H2Peer(lean.port, initial_window=0)
+    peer.settle()
+    peer.open_call(1)
+    peer.send_all(1, grpc_frame(headers_request(lean.route).SerializeToString()))
+    peer.send_all(1, bytes(100_000))
+    peer.settle()
+    assert on_server(lean, lambda c: len(c._streams)) == [1]  # the ended call, answer unsent
+    assert on_server(lean, lambda c: sum(len(s.data) for s in c._streams.values())) == [0]
+    peer.close()
+
+
+def test_a_peer_that_does_not_read_is_not_read_either(lean: Running) -> None:
+    """PINGs sent without reading the ACKs: the server stops reading instead of buffering ACKs."""
+    sock = socket.create_connection(("127.0.0.1", lean.port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(w.PREFACE + raw_frame(w.SETTINGS, 0, 0))
+    pings = raw_frame(w.PING, 0, 0, b"12345678") * 4096
+    sock.settimeout(1)  # when the server stops reading, sending stalls: that is the point
+    try:
+        for _ in range(600):  # 40 MiB of PINGs
+            sock.sendall(pings)
+    except TimeoutError:
+        pass
+    [backlog] = on_server(lean, lambda c: c._transport.get_write_buffer_size() if c._transport else 0)  # fmt: skip
+    assert backlog < 1 << 20
+    sock.close()
+
+
+def test_an_endless_header_block_gets_enhance_your_calm(lean: Running) -> None:
+    peer = RawPeer(lean.port)
+    flood = raw_frame(w.CONTINUATION, 0, 1, bytes(w.DEFAULT_MAX_FRAME))
+    peer.send(peer.headers(1, flags=0), *[flood] * 4)  # 64 KiB of CONTINUATION, never ending
+    assert peer.error_code(w.GOAWAY) == w.ENHANCE_YOUR_CALM
+    peer.close()
+
+
+def test_streams_beyond_the_advertised_limit_are_refused(lean: Running) -> None:
+    peer = RawPeer(lean.port)
+    ours = peer.until(w.SETTINGS)
+    advertised = {ours[at : at + 6] for at in range(0, len(ours), 6)}
+    assert setting(w.SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS) in advertised
+    peer.send(*(peer.headers(2 * i + 1) for i in range(MAX_STREAMS + 1)))
+    assert peer.error_code(w.RST_STREAM, 2 * MAX_STREAMS + 1) == w.REFUSED_STREAM
+    request = grpc_frame(headers_request(lean.route).SerializeToString())
+    peer.send(raw_frame(w.DATA, 0, 1, request))  # the streams within the limit are served
+    assert pb.ProcessingResponse.FromString(peer.until(w.DATA, 1)[5:]).HasField("request_headers")
+    peer.close()
+
+
+def test_data_past_the_stream_window_is_a_flow_control_error(lean: Running) -> None:
+    """Our answer waits for the window, so nothing after the first message is handed on."""
+    peer = RawPeer(lean.port, settings=setting(w.SETTINGS_INITIAL_WINDOW_SIZE, 0))
+    first = raw_frame(w.DATA, 0, 1, keep_open_request())  # its window comes back: it is answered
+    filler = raw_frame(w.DATA, 0, 1, bytes(w.DEFAULT_MAX_FRAME))  # a window's worth, never read
+    one_more = raw_frame(w.DATA, 0, 1, b"x")
+    peer.send(peer.headers(1), first, *[filler] * (STREAM_WINDOW // w.DEFAULT_MAX_FRAME), one_more)
+    assert peer.error_code(w.GOAWAY) == w.FLOW_CONTROL_ERROR
+    peer.close()
+
+
+# -- protocol errors ---------------------------------------------------------------------------
+
+
+def test_trailers_of_a_call_already_ended_are_ignored(lean: Running) -> None:
+    peer = RawPeer(lean.port)
+    request = grpc_frame(headers_request(lean.route).SerializeToString())
+    peer.send(peer.headers(1), raw_frame(w.DATA, 0, 1, request))
+    peer.until(w.DATA, 1)
+    peer.send(peer.headers(1, flags=w.END_HEADERS | w.END_STREAM))  # "trailers", after our end
+    peer.send(peer.headers(3), raw_frame(w.DATA, 0, 3, request))
+    assert pb.ProcessingResponse.FromString(peer.until(w.DATA, 3)[5:]).HasField("request_headers")
+    peer.close()
+
+
+ConnectionCase = Callable[[RawPeer], list[bytes]]
+# fmt: off
+CONNECTION_ERRORS: dict[str, tuple[ConnectionCase, int]] = {
+    "max frame size 0": (lambda p: [raw_frame(w.SETTINGS, 0, 0, setting(w.SETTINGS_MAX_FRAME_SIZE, 0))], w.PROTOCOL_ERROR),
+    "max frame size 2^24": (lambda p: [raw_frame(w.SETTINGS, 0, 0, setting(w.SETTINGS_MAX_FRAME_SIZE, 1 << 24))], w.PROTOCOL_ERROR),
+    "initial window 2^31": (lambda p: [raw_frame(w.SETTINGS, 0, 0, setting(w.SETTINGS_INITIAL_WINDOW_SIZE, 1 << 31))], w.FLOW_CONTROL_ERROR),
+    "RST_STREAM of 3 bytes": (lambda p: [p.headers(1), raw_frame(w.RST_STREAM, 0, 1, b"\x00\x00\x08")], w.FRAME_SIZE_ERROR),
+    "RST_STREAM on stream 0": (lambda p: [raw_frame(w.RST_STREAM, 0, 0, bytes(4))], w.PROTOCOL_ERROR),
+    "RST_STREAM on an idle stream": (lambda p: [raw_frame(w.RST_STREAM, 0, 9, bytes(4))], w.PROTOCOL_ERROR),
+    "stream opened below the last one": (lambda p: [p.headers(5), p.headers(3)], w.PROTOCOL_ERROR),
+    "DATA on an idle stream": (lambda p: [p.headers(1), raw_frame(w.DATA, 0, 7, b"x")], w.PROTOCOL_ERROR),
+    "WINDOW_UPDATE on an idle stream": (lambda p: [raw_frame(w.WINDOW_UPDATE, 0, 7, b"\x00\x00\x00\x01")], w.PROTOCOL_ERROR),
+    "connection WINDOW_UPDATE of 0": (lambda p: [raw_frame(w.WINDOW_UPDATE, 0, 0, bytes(4))], w.PROTOCOL_ERROR),
+    "connection window past 2^31-1": (lambda p: [raw_frame(w.WINDOW_UPDATE, 0, 0, w.MAX_WINDOW.to_bytes(4, "big"))], w.FLOW_CONTROL_ERROR),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("case", CONNECTION_ERRORS)
+def test_connection_errors_end_with_goaway(lean: Running, case: str) -> None:
+    frames, code = CONNECTION_ERRORS[case]
+    peer = RawPeer(lean.port)
+    peer.send(*frames(peer))
+    assert peer.error_code(w.GOAWAY) == code
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    ("increment", "code"), [(0, w.PROTOCOL_ERROR), (w.MAX_WINDOW, w.FLOW_CONTROL_ERROR)]
+)
+def test_bad_stream_window_updates_reset_only_that_stream(
+    lean: Running, increment: int, code: int
+) -> None:
+    peer = RawPeer(lean.port)
+    peer.send(peer.headers(1), raw_frame(w.WINDOW_UPDATE, 0, 1, increment.to_bytes(4, "big")))
+    assert peer.error_code(w.RST_STREAM, 1) == code
+    request = grpc_frame(headers_request(lean.route).SerializeToString())
+    peer.send(peer.headers(3), raw_frame(w.DATA, 0, 3, request))
+    assert pb.ProcessingResponse.FromString(peer.until(w.DATA, 3)[5:]).HasField("request_headers")
+    peer.close()

@@ -135,11 +135,11 @@ def test_an_unknown_route_fails_closed_with_503_and_is_counted(setup) -> None:
     assert metrics.decisions.labels("paid-00000000", "unknown_route", "")._value.get() == 1
 
 
-def test_a_route_name_from_a_client_header_means_nothing(setup) -> None:
+def test_no_route_is_left_to_envoy_and_a_client_header_names_no_route(setup) -> None:
     server, _, names = setup
     answer, _ = exchange(server, headers_request("", host=names["paid"].encode(), x_route=b"paid"))
-    assert answer.immediate_response.status.code == 503
-    assert not answer.HasField("request_headers")
+    assert answer.HasField("request_headers") and not answer.request_headers.HasField("response")
+    assert not answer.HasField("dynamic_metadata")
 
 
 def test_other_phases_get_a_valid_pass_through_and_the_stream_stays_open(setup) -> None:

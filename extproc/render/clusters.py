@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from extproc.model import GatewayConfig, Route
 from extproc.render import tls
 from extproc.render.common import (
@@ -11,6 +9,7 @@ from extproc.render.common import (
     HTTP_OPTIONS,
     Json,
     cluster_name,
+    is_ip,
     seconds,
     socket_address,
     typed,
@@ -20,19 +19,11 @@ from extproc.render.common import (
 _THRESHOLDS = {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
 
 
-def _endpoint(name: str, host: str, port: int) -> Json:
+def _endpoint(name: str, address: Json) -> Json:
     return {
         "cluster_name": name,
-        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
     }
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def route_cluster(route: Route, config: GatewayConfig) -> Json:
@@ -40,12 +31,12 @@ def route_cluster(route: Route, config: GatewayConfig) -> Json:
     target = route.upstream
     cluster: Json = {
         "name": name,
-        "type": "STATIC" if _is_ip(target.host) else "LOGICAL_DNS",
+        "type": "STATIC" if is_ip(target.host) else "LOGICAL_DNS",
         "connect_timeout": seconds(route.connect_timeout_s),
-        "load_assignment": _endpoint(name, target.host, target.port),
+        "load_assignment": _endpoint(name, socket_address(target.host, target.port)),
         "circuit_breakers": {"thresholds": [_THRESHOLDS]},
     }
-    if not _is_ip(target.host):
+    if not is_ip(target.host):
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     protocol: Json
     if target.tls:
@@ -61,11 +52,17 @@ def route_cluster(route: Route, config: GatewayConfig) -> Json:
 def extproc_cluster(config: GatewayConfig) -> Json:
     """The processor speaks gRPC, so HTTP/2 must be configured explicitly."""
     settings = config.extproc
+    if settings.socket is not None:
+        address: Json = {"pipe": {"path": str(settings.socket)}}
+        kind = "STATIC"
+    else:
+        address = socket_address(settings.address, settings.port)
+        kind = "STATIC" if is_ip(settings.address) else "LOGICAL_DNS"
     return {
         "name": EXTPROC_CLUSTER,
-        "type": "STATIC" if _is_ip(settings.address) else "LOGICAL_DNS",
+        "type": kind,
         "connect_timeout": "1s",
-        "load_assignment": _endpoint(EXTPROC_CLUSTER, settings.address, settings.port),
+        "load_assignment": _endpoint(EXTPROC_CLUSTER, address),
         "circuit_breakers": {"thresholds": [_THRESHOLDS]},
         "typed_extension_protocol_options": {
             HTTP_OPTIONS: typed(HTTP_OPTIONS, explicit_http_config={"http2_protocol_options": {}})

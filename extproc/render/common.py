@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 Json = dict[str, Any]
@@ -15,6 +16,15 @@ def typed(type_name: str, **fields: Any) -> Json:
 
 def socket_address(address: str, port: int) -> Json:
     return {"socket_address": {"address": address, "port_value": port}}
+
+
+def is_ip(host: str) -> bool:
+    """An IP literal (a STATIC endpoint, an IP SAN) rather than a DNS name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def seconds(value: float) -> str:

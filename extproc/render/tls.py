@@ -7,11 +7,10 @@ certificate fails the connection before any header (and so any key) is sent.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from extproc.model import TlsFiles, Upstream
-from extproc.render.common import Json, typed
+from extproc.render.common import Json, is_ip, typed
 
 
 def downstream(files: TlsFiles) -> Json:
@@ -35,12 +34,7 @@ def downstream(files: TlsFiles) -> Json:
 
 
 def upstream(target: Upstream, ca_file: Path) -> Json:
-    san_type = "DNS"
-    try:
-        ipaddress.ip_address(target.host)
-        san_type = "IP_ADDRESS"
-    except ValueError:
-        pass
+    san_type = "IP_ADDRESS" if is_ip(target.host) else "DNS"
     validation = {
         "trusted_ca": {"filename": str(ca_file)},
         "match_typed_subject_alt_names": [

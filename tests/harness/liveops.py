@@ -566,6 +566,7 @@ def live_gateways(
         def start(routes: Sequence[Route], **options: Any) -> LiveGateway:
             gateway = LiveGateway(tmp_path / f"live-{next(count)}", routes, **options)
             watch(gateway)
-            return stack.enter_context(gateway)
+            stack.enter_context(gateway)
+            return gateway
 
         yield start
