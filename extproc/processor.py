@@ -31,7 +31,7 @@ class MalformedRequest(ValueError):
 class Answer(NamedTuple):
     payload: bytes
     route: str  # the YAML route name (for an unknown route: the name Envoy sent)
-    outcome: Outcome | None  # None: another phase, nothing decided
+    outcome: Outcome | None  # None: nothing decided (another phase, or no route matched)
     client: str = ""  # the gateway key's client name
     final: bool = True  # nothing more to decide on this stream: end it
 
