@@ -7,14 +7,16 @@ print nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
 from harness import Gateway, RecordingUpstream
 from harness.gateway import Route
+from harness.liveops import LiveGateway
 
 
 class Reporter(Protocol):
@@ -24,6 +26,7 @@ class Reporter(Protocol):
 
 
 _WATCHED = pytest.StashKey[list[Reporter]]()
+G = TypeVar("G", bound=Gateway)
 
 
 def _watch(request: pytest.FixtureRequest, *things: Reporter) -> None:
@@ -34,6 +37,22 @@ def _watch(request: pytest.FixtureRequest, *things: Reporter) -> None:
 def watch(request: pytest.FixtureRequest) -> Callable[..., None]:
     """``watch(*things)``: show their reports if this test fails (for module-scoped gateways)."""
     return lambda *things: _watch(request, *things)
+
+
+@pytest.fixture
+def reuse(watch: Callable[..., None]) -> Callable[..., None]:
+    """``reuse(gateway, *upstreams)``: hand a module-scoped gateway to this test.
+
+    The upstreams forget what earlier tests sent them, so a test sees only its
+    own requests; the gateway's and upstreams' reports show if this test fails.
+    """
+
+    def hand_over(gateway: Gateway, *upstreams: RecordingUpstream) -> None:
+        for upstream in upstreams:
+            upstream.clear()
+        watch(gateway, *upstreams)
+
+    return hand_over
 
 
 @pytest.hookimpl(wrapper=True)
@@ -72,14 +91,30 @@ def start_gateway(
     Every gateway started is stopped after the test (Envoy first), pass or fail,
     even when stopping another one fails.
     """
-    with ExitStack() as stack:
-        count = 0
+    yield from _gateways(request, tmp_path, Gateway, "gateway")
 
-        def start(routes: list[Route], **options: Any) -> Gateway:
-            nonlocal count
-            gateway = Gateway(tmp_path / f"gateway-{count}", routes, **options)
-            count += 1
+
+@pytest.fixture
+def start_live(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., LiveGateway]]:
+    """``start_live(routes, **options)`` → a running LiveGateway (reload, restart, metrics).
+
+    Stopped after the test like the gateways of ``start_gateway``.
+    """
+    yield from _gateways(request, tmp_path, LiveGateway, "live")
+
+
+def _gateways(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: type[G], folder: str
+) -> Iterator[Callable[..., G]]:
+    with ExitStack() as stack:
+        count = itertools.count()
+
+        def start(routes: Sequence[Route], **options: Any) -> G:
+            gateway = kind(tmp_path / f"{folder}-{next(count)}", routes, **options)
             _watch(request, gateway)
-            return stack.enter_context(gateway)
+            stack.enter_context(gateway)
+            return gateway
 
         yield start

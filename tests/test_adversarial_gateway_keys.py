@@ -44,6 +44,7 @@ from harness.adversary import (
     start_retrying,
     write_keys,
 )
+from harness.shared import running_upstreams
 
 from extproc.access import read_keys
 
@@ -131,23 +132,17 @@ def build(workdir: Path, upstreams: dict[str, RecordingUpstream], fast_path: boo
 def shared(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
-    upstreams = {name: RecordingUpstream(f"{name}-upstream").start() for name in ROUTES}
-    try:
+    with running_upstreams(ROUTES) as upstreams:
         setup = build(tmp_path_factory.mktemp("keys"), upstreams, request.param)
         try:
             yield setup
         finally:
             setup.gateway.stop()
-    finally:
-        for upstream in upstreams.values():
-            upstream.stop()
 
 
 @pytest.fixture
-def setup(shared: Setup, watch: Callable[..., None]) -> Setup:
-    for upstream in shared.upstreams.values():
-        upstream.clear()
-    watch(shared.gateway, *shared.upstreams.values())
+def setup(shared: Setup, reuse: Callable[..., None]) -> Setup:
+    reuse(shared.gateway, *shared.upstreams.values())
     return shared
 
 

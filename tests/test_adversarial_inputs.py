@@ -28,6 +28,7 @@ from harness import (
     credential_route,
 )
 from harness.adversary import H2Reply, flatten, h2_request, http1_exact, leaks, write_keys
+from harness.shared import running_upstreams
 
 ALPHA_KEY = "sk-alpha-server-secret-adv"
 BETA_KEY = "sk-beta-server-secret-adv"
@@ -85,38 +86,31 @@ class Setup:
 def shared(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
-    names = ("alpha", "beta", "keyed", "elsewhere")
-    upstreams = {name: RecordingUpstream(f"{name}-upstream").start() for name in names}
     workdir = tmp_path_factory.mktemp("inputs")
     write_keys(workdir / "keys.txt", {"tester": GATEWAY_KEY})
-    routes = [
-        credential_route("alpha", upstreams["alpha"].url()),
-        credential_route("beta", upstreams["beta"].url()),
-        credential_route(
-            "keyed", upstreams["keyed"].url(), access={"keys_file": str(workdir / "keys.txt")}
-        ),
-    ]
-    env = {"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY, "KEYED_KEY": KEYED_KEY}
-    gateway = Gateway(
-        workdir / "gateway",
-        routes,
-        env=env,
-        listener={"max_request_headers_kb": HEADER_LIMIT_KB},
-        extproc={"fast_path": request.param},
-    )
-    try:
+    with running_upstreams(("alpha", "beta", "keyed", "elsewhere")) as upstreams:
+        routes = [
+            credential_route("alpha", upstreams["alpha"].url()),
+            credential_route("beta", upstreams["beta"].url()),
+            credential_route(
+                "keyed", upstreams["keyed"].url(), access={"keys_file": str(workdir / "keys.txt")}
+            ),
+        ]
+        env = {"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY, "KEYED_KEY": KEYED_KEY}
+        gateway = Gateway(
+            workdir / "gateway",
+            routes,
+            env=env,
+            listener={"max_request_headers_kb": HEADER_LIMIT_KB},
+            extproc={"fast_path": request.param},
+        )
         with gateway:
             yield Setup(gateway, upstreams)
-    finally:
-        for upstream in upstreams.values():
-            upstream.stop()
 
 
 @pytest.fixture
-def setup(shared: Setup, watch: Callable[..., None]) -> Setup:
-    for upstream in shared.upstreams.values():
-        upstream.clear()
-    watch(shared.gateway, *shared.upstreams.values())
+def setup(shared: Setup, reuse: Callable[..., None]) -> Setup:
+    reuse(shared.gateway, *shared.upstreams.values())
     return shared
 
 

@@ -8,12 +8,8 @@ bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
 from harness import (
-    FAST_PATH_IDS,
-    FAST_PATH_MODES,
     Gateway,
     RecordedRequest,
     RecordingUpstream,
@@ -23,6 +19,7 @@ from harness import (
     raw_h2_request,
     raw_request,
 )
+from harness.shared import one_upstream_gateway
 
 SERVER_KEY = "sk-ant-api03-server-key-e2e"
 OAUTH = "Bearer sk-ant-oat01-client-oauth-token"
@@ -31,29 +28,9 @@ CLIENT_KEY = "sk-ant-api03-client-own-key"
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
 
 
-@pytest.fixture(scope="module", params=FAST_PATH_MODES, ids=FAST_PATH_IDS)
-def shared(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, RecordingUpstream]]:
-    with RecordingUpstream("anthropic-upstream") as upstream:
-        routes = [credential_route("anthropic", upstream.url())]
-        workdir = tmp_path_factory.mktemp("decision")
-        env = {"ANTHROPIC_KEY": SERVER_KEY}
-        with Gateway(workdir, routes, env=env, extproc={"fast_path": request.param}) as gateway:
-            yield gateway, upstream
-
-
-@pytest.fixture
-def gateway(shared: tuple[Gateway, RecordingUpstream], watch: Callable[..., None]) -> Gateway:
-    gateway, upstream = shared
-    upstream.clear()
-    watch(gateway, upstream)
-    return gateway
-
-
-@pytest.fixture
-def upstream(shared: tuple[Gateway, RecordingUpstream], gateway: Gateway) -> RecordingUpstream:
-    return shared[1]
+shared, gateway, upstream = one_upstream_gateway(
+    "decision", lambda url: [credential_route("anthropic", url)], env={"ANTHROPIC_KEY": SERVER_KEY}
+)
 
 
 def assert_no_server_key(request: RecordedRequest) -> None:

@@ -9,14 +9,11 @@ JSON error shape, without calling the upstream.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from harness import (
-    FAST_PATH_IDS,
-    FAST_PATH_MODES,
     Gateway,
     RecordingUpstream,
     credential_route,
@@ -24,6 +21,7 @@ from harness import (
     raw_request,
     run_serve,
 )
+from harness.shared import one_upstream_gateway
 
 PRESENT_KEY = "sk-present-server-key-e2e"
 CLIENT_KEY = "sk-client-key-missing-e2e"
@@ -74,41 +72,23 @@ def test_serve_without_the_secret_file_exits_naming_the_file(tmp_path: Path) -> 
 # -- optional: true ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=FAST_PATH_MODES, ids=FAST_PATH_IDS)
-def shared(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, RecordingUpstream]]:
-    with RecordingUpstream("optional-upstream") as upstream:
-        routes = [
-            credential_route(
-                "anthropic", upstream.url(), {"env": "ANTHROPIC_API_KEY", "optional": True}
-            ),
-            credential_route(
-                "openai",
-                upstream.url(),
-                {"env": "OPENAI_API_KEY", "optional": True},
-                header="authorization",
-                format="Bearer {secret}",
-                client_credentials=["authorization"],
-                error_style="openai",
-            ),
-        ]
-        workdir = tmp_path_factory.mktemp("optional")
-        with Gateway(workdir, routes, extproc={"fast_path": request.param}) as gateway:
-            yield gateway, upstream
+def optional_routes(url: str) -> list[dict[str, object]]:
+    """An Anthropic-style and an OpenAI-style route whose secrets are optional and never set."""
+    return [
+        credential_route("anthropic", url, {"env": "ANTHROPIC_API_KEY", "optional": True}),
+        credential_route(
+            "openai",
+            url,
+            {"env": "OPENAI_API_KEY", "optional": True},
+            header="authorization",
+            format="Bearer {secret}",
+            client_credentials=["authorization"],
+            error_style="openai",
+        ),
+    ]
 
 
-@pytest.fixture
-def gateway(shared: tuple[Gateway, RecordingUpstream], watch: Callable[..., None]) -> Gateway:
-    gateway, upstream = shared
-    upstream.clear()
-    watch(gateway, upstream)
-    return gateway
-
-
-@pytest.fixture
-def upstream(shared: tuple[Gateway, RecordingUpstream], gateway: Gateway) -> RecordingUpstream:
-    return shared[1]
+shared, gateway, upstream = one_upstream_gateway("optional", optional_routes)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from harness import (
     http2,
     raw_request,
 )
+from harness.shared import running_upstreams
 
 ALPHA_KEY = "sk-alpha-server-key-e2e"
 BETA_KEY = "sk-beta-server-key-e2e"
@@ -35,9 +36,8 @@ pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
 class Upstreams:
     """One recording upstream per route of the shared gateway."""
 
-    def __init__(self) -> None:
-        names = ("alpha", "beta", "openai", "plain", "file")
-        self.by_name = {name: RecordingUpstream(f"{name}-upstream") for name in names}
+    def __init__(self, by_name: dict[str, RecordingUpstream]) -> None:
+        self.by_name = by_name
 
     def __getattr__(self, name: str) -> RecordingUpstream:
         return self.by_name[name]
@@ -47,13 +47,20 @@ class Upstreams:
 def shared(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Gateway, Upstreams]]:
-    upstreams = Upstreams()
-    for upstream in upstreams.by_name.values():
-        upstream.start()
     workdir = tmp_path_factory.mktemp("routes")
     (workdir / "secrets").mkdir()
     (workdir / "secrets" / "file-key").write_text(FILE_KEY + "\n")
-    routes = [
+    with running_upstreams(("alpha", "beta", "openai", "plain", "file")) as by_name:
+        upstreams = Upstreams(by_name)
+        routes = gateway_routes(upstreams)
+        env = {"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY, "OPENAI_KEY": OPENAI_KEY}
+        with Gateway(workdir, routes, env=env, extproc={"fast_path": request.param}) as gateway:
+            yield gateway, upstreams
+
+
+def gateway_routes(upstreams: Upstreams) -> list[dict[str, object]]:
+    """Two Anthropic-style routes, an OpenAI-style one, one without a credential, a file secret."""
+    return [
         credential_route("alpha", upstreams.alpha.url()),
         credential_route("beta", upstreams.beta.url()),
         credential_route(
@@ -66,21 +73,12 @@ def shared(
         {"name": "plain", "prefix": "/plain/", "upstream": upstreams.plain.url()},
         credential_route("file", upstreams.file.url(), {"file": "secrets/file-key"}),
     ]
-    env = {"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY, "OPENAI_KEY": OPENAI_KEY}
-    try:
-        with Gateway(workdir, routes, env=env, extproc={"fast_path": request.param}) as gateway:
-            yield gateway, upstreams
-    finally:
-        for upstream in upstreams.by_name.values():
-            upstream.stop()
 
 
 @pytest.fixture
-def gateway(shared: tuple[Gateway, Upstreams], watch: Callable[..., None]) -> Gateway:
+def gateway(shared: tuple[Gateway, Upstreams], reuse: Callable[..., None]) -> Gateway:
     gateway, upstreams = shared
-    for upstream in upstreams.by_name.values():
-        upstream.clear()
-    watch(gateway, *upstreams.by_name.values())
+    reuse(gateway, *upstreams.by_name.values())
     return gateway
 
 

@@ -9,13 +9,11 @@ the upstream gives up holding, by which time the client has timed out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
 from harness import (
-    FAST_PATH_IDS,
-    FAST_PATH_MODES,
     Gateway,
     RecordingUpstream,
     credential_route,
@@ -24,6 +22,7 @@ from harness import (
     sse_event,
     sse_events,
 )
+from harness.shared import one_upstream_gateway
 
 SERVER_KEY = "sk-ant-api03-server-key-sse"
 OAUTH = "Bearer sk-ant-oat01-sse-client"
@@ -33,29 +32,9 @@ EVENTS = 3
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
 
 
-@pytest.fixture(scope="module", params=FAST_PATH_MODES, ids=FAST_PATH_IDS)
-def shared(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, RecordingUpstream]]:
-    with RecordingUpstream("sse-upstream") as upstream:
-        routes = [credential_route("anthropic", upstream.url())]
-        workdir = tmp_path_factory.mktemp("sse")
-        env = {"ANTHROPIC_KEY": SERVER_KEY}
-        with Gateway(workdir, routes, env=env, extproc={"fast_path": request.param}) as gateway:
-            yield gateway, upstream
-
-
-@pytest.fixture
-def gateway(shared: tuple[Gateway, RecordingUpstream], watch: Callable[..., None]) -> Gateway:
-    gateway, upstream = shared
-    upstream.clear()
-    watch(gateway, upstream)
-    return gateway
-
-
-@pytest.fixture
-def upstream(shared: tuple[Gateway, RecordingUpstream], gateway: Gateway) -> RecordingUpstream:
-    return shared[1]
+shared, gateway, upstream = one_upstream_gateway(
+    "sse", lambda url: [credential_route("anthropic", url)], env={"ANTHROPIC_KEY": SERVER_KEY}
+)
 
 
 # (client headers, the credential header to look at upstream, the value it must have there)

@@ -24,34 +24,16 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness.messages import header_map, headers_request, two_route_policy
 
 from extproc import h2wire as w
-from extproc.config import load_config
 from extproc.h2server import MAX_MESSAGE, MAX_STREAMS, STREAM_WINDOW, GrpcConnection, GrpcServer
 from extproc.h2wire import HeaderDecoder
 from extproc.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_method
 from extproc.metrics import Metrics
-from extproc.policy import Policy, compile_policy
-from extproc.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE
-
-CONFIG = """\
-listener: {address: 127.0.0.1, port: 4000}
-routes:
-  - name: paid
-    prefix: /paid/
-    upstream: https://api.anthropic.com
-    credential: {header: x-api-key, secret: {env: KEY}}
-"""
-
-
-@dataclass
-class FixedPolicy:
-    policy: Policy
 
 
 @dataclass
@@ -65,9 +47,7 @@ class Running:
 
 @pytest.fixture
 def lean(tmp_path: Path) -> Iterator[Running]:
-    (tmp_path / "gateway.yaml").write_text(CONFIG)
-    config = load_config(tmp_path / "gateway.yaml")
-    source = FixedPolicy(compile_policy(config, {"KEY": "server-key"}))
+    source, names = two_route_policy(tmp_path)
     health = Health()
     health.set("", True)
     methods = {PROCESS_PATH: process_method(source, Metrics()), HEALTH_CHECK_PATH: health.check}
@@ -77,22 +57,10 @@ def lean(tmp_path: Path) -> Iterator[Running]:
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0, False), loop).result(5)
     port = server.port
-    yield Running(port, config.routes[0].envoy_name, server, loop, health)
+    yield Running(port, names["paid"], server, loop, health)
     asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
-
-
-def headers_request(route: str, **headers: bytes) -> pb.ProcessingRequest:
-    attributes = struct_pb2.Struct()
-    attributes.update({ROUTE_ATTRIBUTE: route})
-    values = [
-        base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v) for k, v in headers.items()
-    ]
-    return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values)),
-        attributes={ATTRIBUTES_KEY: attributes},
-    )
 
 
 def test_grpcio_client_gets_the_key_and_the_call_ends_ok(lean: Running) -> None:
@@ -110,7 +78,7 @@ def test_grpcio_client_many_calls_share_one_connection(lean: Running) -> None:
         stub = pb_grpc.ExternalProcessorStub(channel)
         for _ in range(200):
             answers = list(
-                stub.Process(iter([headers_request(lean.route, authorization=b"Bearer t")]))
+                stub.Process(iter([headers_request(lean.route, [("authorization", b"Bearer t")])]))
             )
             assert len(answers) == 1 and not answers[0].request_headers.HasField("response")
 
@@ -387,10 +355,8 @@ def status_of(events: list[h2.events.Event], stream: int) -> bytes:
 
 def keep_open_request(pad: int = 0) -> bytes:
     """A message the processor answers without ending the call (a response-headers phase)."""
-    header = base_pb2.HeaderValue(key="x-pad", raw_value=b"p" * pad)
-    request = pb.ProcessingRequest(
-        response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[header]))
-    )
+    headers = header_map([("x-pad", b"p" * pad)])
+    request = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers))
     return grpc_frame(request.SerializeToString())
 
 

@@ -25,7 +25,6 @@ from harness.liveops import (
     files_under,
     find_leaks,
     lines_with,
-    live_gateways,
     poll,
     write_atomically,
 )
@@ -33,8 +32,6 @@ from harness.liveops import (
 from extproc.access import key_line
 
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
-
-start_live = pytest.fixture(live_gateways)
 
 
 def random_hex() -> str:

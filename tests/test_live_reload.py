@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from harness import RecordingUpstream, credential_route
 from harness.liveops import (
+    CONFIG_HEALTH,
     NOT_SERVING,
     SERVING,
     LiveGateway,
-    Sender,
     Sent,
     Traffic,
     by_number,
     lines_with,
-    live_gateways,
     poll,
+    steady_senders,
 )
 
 from extproc.reload import POLL_SECONDS
@@ -35,17 +35,9 @@ from extproc.reload import POLL_SECONDS
 OLD_KEY = "sk-ant-api03-reload-old-key"
 NEW_KEY = "sk-ant-api03-reload-new-key"
 PATH = "/anthropic/v1/messages"
-CONFIG_HEALTH = "credential-gateway.config"  # documented in the README
-SENDERS = [
-    Sender("http1", PATH),
-    Sender("http1", PATH),
-    Sender("http2", PATH, http2=True),
-    Sender("http2", PATH, http2=True),
-]
+SENDERS = steady_senders(PATH)
 
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
-
-start_live = pytest.fixture(live_gateways)
 
 
 class Setup:

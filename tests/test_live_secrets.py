@@ -19,33 +19,25 @@ from pathlib import Path
 import pytest
 from harness import RecordedRequest, RecordingUpstream, Reply, credential_route
 from harness.liveops import (
+    CONFIG_HEALTH,
     NOT_SERVING,
     SERVING,
     KubeMount,
     LiveGateway,
-    Sender,
     Sent,
     Traffic,
     lines_with,
-    live_gateways,
+    steady_senders,
     write_atomically,
 )
 
 OLD_KEY = "sk-ant-api03-rotation-old-key-0001"
 NEW_KEY = "sk-ant-api03-rotation-new-key-0002"
 PATH = "/anthropic/v1/messages"
-CONFIG_HEALTH = "credential-gateway.config"
 ROTATION_DEADLINE_S = 10.0  # generous: the documented window is about 1.5 s
-SENDERS = [
-    Sender("http1", PATH),
-    Sender("http1", PATH),
-    Sender("http2", PATH, http2=True),
-    Sender("http2", PATH, http2=True),
-]
+SENDERS = steady_senders(PATH)
 
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
-
-start_live = pytest.fixture(live_gateways)
 
 
 def name_the_key(request: RecordedRequest) -> Reply:

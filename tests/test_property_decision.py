@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
+from harness.messages import header_map, headers_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +25,7 @@ from extproc.access import GatewayKeys, key_line
 from extproc.config import load_config
 from extproc.decision import Decision, Outcome, RouteRule, decide, is_blank
 from extproc.policy import Policy, compile_policy
-from extproc.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE, process
+from extproc.processor import process
 
 KEY_HEADER = "x-gateway-key"
 GATEWAY_KEYS = {"alice": b"gk-alice-property-key", "bob": b"gk-bob-property-key"}
@@ -207,18 +207,6 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
     return Compiled(policy, names, values)
 
 
-def headers_request(route_name: str, headers: Headers) -> pb.ProcessingRequest:
-    """A request-headers message as Envoy sends it, through the wire format and back."""
-    attributes = struct_pb2.Struct()
-    attributes.update({ROUTE_ATTRIBUTE: route_name})
-    values = [base_pb2.HeaderValue(key=name, raw_value=value) for name, value in headers]
-    message = pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values)),
-        attributes={ATTRIBUTES_KEY: attributes},
-    )
-    return pb.ProcessingRequest.FromString(message.SerializeToString())
-
-
 ROUTES = st.one_of(
     st.sampled_from(["keyed", "strict", "open", "bearer", "keyless", "plain"]),
     st.text(max_size=12).map(lambda text: "?" + text),  # a name Envoy would never send
@@ -273,13 +261,12 @@ LATER_PHASES = ("response_headers", "request_body", "response_body", "request_tr
 def test_processor_answers_any_later_phase_without_deciding(
     compiled: Compiled, phase: str, headers: Headers
 ) -> None:
-    values = [base_pb2.HeaderValue(key=name, raw_value=value) for name, value in headers]
     message = {
-        "response_headers": pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values)),
+        "response_headers": pb.HttpHeaders(headers=header_map(headers)),
         "request_body": pb.HttpBody(body=b"".join(value for _, value in headers)),
         "response_body": pb.HttpBody(body=b"x"),
-        "request_trailers": pb.HttpTrailers(trailers=base_pb2.HeaderMap(headers=values)),
-        "response_trailers": pb.HttpTrailers(trailers=base_pb2.HeaderMap(headers=values)),
+        "request_trailers": pb.HttpTrailers(trailers=header_map(headers)),
+        "response_trailers": pb.HttpTrailers(trailers=header_map(headers)),
     }[phase]
     answer = process(compiled.policy, pb.ProcessingRequest(**{phase: message}))
     assert answer.outcome is None

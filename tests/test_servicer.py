@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -11,61 +10,24 @@ import grpc_testing
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
+from harness.messages import headers_request, two_route_policy
 
-from extproc.config import load_config
 from extproc.metrics import Metrics
-from extproc.policy import Policy, compile_policy
-from extproc.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE
 from extproc.servicer import ExternalProcessor
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ExternalProcessor"]
 METHOD = SERVICE.methods_by_name["Process"]
-CONFIG = """\
-listener: {address: 127.0.0.1, port: 4000}
-routes:
-  - name: paid
-    prefix: /paid/
-    upstream: https://api.anthropic.com
-    credential: {header: x-api-key, secret: {env: KEY}}
-  - name: unpaid
-    prefix: /unpaid/
-    upstream: https://api.anthropic.com
-    credential: {header: x-api-key, secret: {env: ABSENT, optional: true}}
-"""
-
-
-@dataclass
-class FixedPolicy:
-    policy: Policy
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[grpc_testing.Server, Metrics, dict[str, str]]:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(CONFIG)
-    config = load_config(path)
+    source, names = two_route_policy(tmp_path)
     metrics = Metrics()
-    servicer = ExternalProcessor(
-        FixedPolicy(compile_policy(config, {"KEY": "server-key"})), metrics
-    )
+    servicer = ExternalProcessor(source, metrics)
     server = grpc_testing.server_from_dictionary(
         {SERVICE: servicer}, grpc_testing.strict_real_time()
     )
-    names = {route.name: route.envoy_name for route in config.routes}
     return server, metrics, names
-
-
-def headers_request(route: str, **headers: bytes) -> pb.ProcessingRequest:
-    attributes = struct_pb2.Struct()
-    attributes.update({ROUTE_ATTRIBUTE: route})
-    values = [
-        base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v) for k, v in headers.items()
-    ]
-    return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values)),
-        attributes={ATTRIBUTES_KEY: attributes},
-    )
 
 
 def exchange(
@@ -81,7 +43,7 @@ def exchange(
 
 def test_no_credential_gets_the_key_in_raw_value_and_the_stream_ends(setup) -> None:
     server, metrics, names = setup
-    answer, code = exchange(server, headers_request(names["paid"], accept=b"*/*"))
+    answer, code = exchange(server, headers_request(names["paid"], [("accept", b"*/*")]))
     [header] = answer.request_headers.response.header_mutation.set_headers
     assert (header.header.key, header.header.raw_value, header.header.value) == (
         "x-api-key",
@@ -101,7 +63,7 @@ def test_no_credential_gets_the_key_in_raw_value_and_the_stream_ends(setup) -> N
 def test_oauth_bearer_is_left_untouched(setup) -> None:
     server, _, names = setup
     answer, _ = exchange(
-        server, headers_request(names["paid"], authorization=b"Bearer sk-ant-oat01-x")
+        server, headers_request(names["paid"], [("authorization", b"Bearer sk-ant-oat01-x")])
     )
     assert answer.HasField("request_headers")
     assert not answer.request_headers.HasField("response")
@@ -111,7 +73,7 @@ def test_oauth_bearer_is_left_untouched(setup) -> None:
 
 def test_blank_client_header_is_removed_when_injecting(setup) -> None:
     server, _, names = setup
-    answer, _ = exchange(server, headers_request(names["paid"], authorization=b"  "))
+    answer, _ = exchange(server, headers_request(names["paid"], [("authorization", b"  ")]))
     mutation = answer.request_headers.response.header_mutation
     assert list(mutation.remove_headers) == ["authorization"]
     assert mutation.set_headers[0].header.raw_value == b"server-key"
@@ -129,7 +91,7 @@ def test_missing_optional_secret_answers_401_json_without_forwarding(setup) -> N
 
 def test_an_unknown_route_fails_closed_with_503_and_is_counted(setup) -> None:
     server, metrics, _ = setup
-    answer, code = exchange(server, headers_request("paid-00000000", accept=b"*/*"))
+    answer, code = exchange(server, headers_request("paid-00000000", [("accept", b"*/*")]))
     assert answer.immediate_response.status.code == 503
     assert code is grpc.StatusCode.OK
     assert metrics.decisions.labels("paid-00000000", "unknown_route", "")._value.get() == 1
@@ -137,7 +99,9 @@ def test_an_unknown_route_fails_closed_with_503_and_is_counted(setup) -> None:
 
 def test_no_route_is_left_to_envoy_and_a_client_header_names_no_route(setup) -> None:
     server, _, names = setup
-    answer, _ = exchange(server, headers_request("", host=names["paid"].encode(), x_route=b"paid"))
+    answer, _ = exchange(
+        server, headers_request("", [("host", names["paid"].encode()), ("x-route", b"paid")])
+    )
     assert answer.HasField("request_headers") and not answer.request_headers.HasField("response")
     assert not answer.HasField("dynamic_metadata")
 

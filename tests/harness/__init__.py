@@ -19,6 +19,10 @@ restart the processor on the same port; ``gateway.access_log()`` and
 answers anything (``Reply``), and its ``/redirect`` and ``/status/NNN`` paths
 answer 3xx and chosen statuses; ``raw_request`` / ``raw_h2_request`` send bytes
 that httpx would refuse; ``make_certs`` makes a trustme CA and certificate files.
+
+Beside these: ``harness.shared`` starts one gateway a test module shares
+(``one_upstream_gateway``, ``running_upstreams``); ``harness.messages`` builds
+ext_proc messages for the tests that drive the processor without Envoy.
 """
 
 from harness.clients import (

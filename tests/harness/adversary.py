@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.access import key_line
-from harness.clients import TIMEOUT_S, HeaderLines, RawResponse
-from harness.clients import _parse_response as parse_response
+from harness.clients import (
+    TIMEOUT_S,
+    HeaderLines,
+    RawResponse,
+    as_bytes,
+    h2_exchange,
+    http1_message,
+    parse_response,
+    read_all,
+)
 from harness.gateway import ROOT, GatewayStartError, base_env
 
 T = TypeVar("T")
@@ -108,12 +113,8 @@ def flatten(headers: Iterable[tuple[str | bytes, str | bytes]]) -> bytes:
     """Header pairs as one blob, for ``leaks``."""
     out = b""
     for name, value in headers:
-        out += _bytes(name) + b": " + _bytes(value) + b"\n"
+        out += as_bytes(name) + b": " + as_bytes(value) + b"\n"
     return out
-
-
-def _bytes(value: str | bytes) -> bytes:
-    return value.encode("latin-1") if isinstance(value, str) else value
 
 
 # -- HTTP/1.1 exactly as given -----------------------------------------------------------------
@@ -135,17 +136,11 @@ def http1_exact(
     ``Connection: close``. None when the gateway reset the connection instead
     of answering.
     """
-    lines = [f"{method} {target} {version}".encode()]
-    lines += [_bytes(name) + b": " + _bytes(value) for name, value in headers]
-    if body:
-        lines.append(b"Content-Length: " + str(len(body)).encode())
-    lines.append(b"Connection: close")
+    payload = http1_message(f"{method} {target} {version}", headers, body, bool(body))
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as conn:
-            conn.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
+            conn.sendall(payload)
+            data = read_all(conn)
     except (ConnectionResetError, BrokenPipeError):
         return None
     return parse_response(data) if data else None
@@ -180,43 +175,10 @@ def h2_request(
     Unlike ``raw_h2_request`` the connection always goes to loopback whatever
     the authority says, and the response headers are returned too.
     """
-    config = h2.config.H2Configuration(
-        client_side=True, normalize_outbound_headers=False, validate_outbound_headers=False
-    )
-    conn = h2.connection.H2Connection(config)
-    request = [(b":method", method.encode()), (b":scheme", b"http"),
-               (b":authority", _bytes(authority)), (b":path", target.encode())]  # fmt: skip
-    request += [(_bytes(name), _bytes(value)) for name, value in headers]
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
-        conn.initiate_connection()
-        conn.send_headers(1, request, end_stream=True)
-        sock.sendall(conn.data_to_send())
-        return _h2_reply(sock, conn)
-
-
-def _h2_reply(sock: socket.socket, conn: h2.connection.H2Connection) -> H2Reply:
-    status: int | None = None
-    response: tuple[tuple[bytes, bytes], ...] = ()
-    body = b""
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            return H2Reply(None)
-        if not data:
-            return H2Reply(status, response, body) if status else H2Reply(None)
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                response = tuple((bytes(k), bytes(v)) for k, v in event.headers)
-                status = int(dict(response)[b":status"])
-            elif isinstance(event, h2.events.DataReceived):
-                body += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                return H2Reply(status, response, body)
-            elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                return H2Reply(None)
-        sock.sendall(conn.data_to_send())
+    answer = h2_exchange("127.0.0.1", port, target, headers, method=method, authority=authority)
+    if answer.end == "refused" or not answer.status:
+        return H2Reply(None)  # a reset, or the connection closed before any response
+    return H2Reply(answer.status, answer.headers, answer.body)
 
 
 # -- health -------------------------------------------------------------------------------------

@@ -71,30 +71,41 @@ def raw_request(
     ``"caf\\xe9"`` sends the single byte 0xE9). ``Host``, ``Content-Length``
     and ``Connection: close`` are added; the server closes after answering.
     """
-    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: " + host.encode()]
-    lines += [_bytes(name) + b": " + _bytes(value) for name, value in headers]
-    if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(b"Content-Length: " + str(len(body)).encode())
-    lines.append(b"Connection: close")
-    payload = b"\r\n".join(lines) + b"\r\n\r\n" + body
+    sized = bool(body) or method in ("POST", "PUT", "PATCH")
+    payload = http1_message(f"{method} {target} HTTP/1.1", [("Host", host), *headers], body, sized)
     with socket.create_connection((host, port), timeout=TIMEOUT_S) as plain:
         conn = tls.wrap_socket(plain, server_hostname=host) if tls else plain
         conn.sendall(payload)
-        return _parse_response(_read_all(conn))
+        return parse_response(read_all(conn))
 
 
-def _bytes(value: str | bytes) -> bytes:
+def http1_message(start_line: str, headers: HeaderLines, body: bytes, sized: bool) -> bytes:
+    """An HTTP/1.x request with the header lines in order, exactly as given.
+
+    Only ``Content-Length`` (when ``sized``) and ``Connection: close`` are
+    added, so the server closes after answering and a reader reads to the end.
+    """
+    lines = [start_line.encode()]
+    lines += [as_bytes(name) + b": " + as_bytes(value) for name, value in headers]
+    if sized:
+        lines.append(b"Content-Length: " + str(len(body)).encode())
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def as_bytes(value: str | bytes) -> bytes:
+    """Bytes as given; str as Latin-1, so ``"caf\\xe9"`` is the single byte 0xE9."""
     return value.encode("latin-1") if isinstance(value, str) else value
 
 
-def _read_all(conn: socket.socket) -> bytes:
+def read_all(conn: socket.socket) -> bytes:
     data = b""
     while chunk := conn.recv(65536):
         data += chunk
     return data
 
 
-def _parse_response(data: bytes) -> RawResponse:
+def parse_response(data: bytes) -> RawResponse:
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.split(b"\r\n")
     headers = []
@@ -137,40 +148,71 @@ def raw_h2_request(
     The h2 library normally lower-cases and validates names; here both are off,
     so a test can send what a broken or hostile client would.
     """
+    answer = h2_exchange(host, port, target, headers, method="GET", authority=host)
+    return H2Result(answer.status, answer.body) if answer.end == "ended" else H2Result(None)
+
+
+@dataclass(frozen=True)
+class H2Exchange:
+    """What came back on stream 1 of a raw HTTP/2 request, and how the exchange ended."""
+
+    end: str  # "ended" (the stream ended), "refused" (a reset) or "closed" (the socket closed)
+    status: int | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+
+
+def h2_exchange(
+    connect_to: str,
+    port: int,
+    target: str,
+    headers: HeaderLines,
+    *,
+    method: str,
+    authority: str | bytes,
+) -> H2Exchange:
+    """One h2c request on stream 1, read until the stream ends or is refused.
+
+    ``:authority`` and the headers are sent as given: the h2 library's
+    lower-casing and validation are off, so a test can send what a broken or
+    hostile client would.
+    """
     config = h2.config.H2Configuration(
         client_side=True, normalize_outbound_headers=False, validate_outbound_headers=False
     )
     conn = h2.connection.H2Connection(config)
-    request = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", host.encode()),
-               (b":path", target.encode())]  # fmt: skip
-    request += [(_bytes(name), _bytes(value)) for name, value in headers]
-    with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+    request = [(b":method", method.encode()), (b":scheme", b"http"),
+               (b":authority", as_bytes(authority)), (b":path", target.encode())]  # fmt: skip
+    request += [(as_bytes(name), as_bytes(value)) for name, value in headers]
+    with socket.create_connection((connect_to, port), timeout=TIMEOUT_S) as sock:
         conn.initiate_connection()
         conn.send_headers(1, request, end_stream=True)
         sock.sendall(conn.data_to_send())
-        return _h2_result(sock, conn)
+        return _h2_read(sock, conn)
 
 
-def _h2_result(sock: socket.socket, conn: h2.connection.H2Connection) -> H2Result:
+def _h2_read(sock: socket.socket, conn: h2.connection.H2Connection) -> H2Exchange:
     status: int | None = None
+    response: tuple[tuple[bytes, bytes], ...] = ()
     body = b""
     while True:
         try:
             data = sock.recv(65536)
         except ConnectionResetError:
-            return H2Result(None)
+            return H2Exchange("refused")
         if not data:
-            return H2Result(None)
+            return H2Exchange("closed", status, response, body)
         for event in conn.receive_data(data):
             if isinstance(event, h2.events.ResponseReceived):
-                status = int(dict(event.headers)[b":status"])
+                response = tuple((bytes(k), bytes(v)) for k, v in event.headers)
+                status = int(dict(response)[b":status"])
             elif isinstance(event, h2.events.DataReceived):
                 body += event.data
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
-                return H2Result(status, body)
+                return H2Exchange("ended", status, response, body)
             elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                return H2Result(None)
+                return H2Exchange("refused")
         sock.sendall(conn.data_to_send())
 
 

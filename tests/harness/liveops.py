@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -178,6 +177,7 @@ def health(address: str, service: str = "") -> int:
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CONFIG_HEALTH = "credential-gateway.config"  # the config's health service, documented in the README
 
 
 def poll(
@@ -226,6 +226,16 @@ class Sent:
     body: bytes = b""
     content_type: str = ""
     error: str = ""
+
+
+def steady_senders(path: str) -> list[Sender]:
+    """Four credential-less client threads on ``path``: two over HTTP/1.1, two over HTTP/2."""
+    return [
+        Sender("http1", path),
+        Sender("http1", path),
+        Sender("http2", path, http2=True),
+        Sender("http2", path, http2=True),
+    ]
 
 
 class Traffic:
@@ -548,25 +558,3 @@ def find_leaks(sources: Mapping[str, bytes], needles: Mapping[str, str]) -> list
 
 def lines_with(text: str, needle: str) -> Iterator[str]:
     return (line for line in text.splitlines() if needle in line)
-
-
-# -- a fixture body -----------------------------------------------------------------------------
-
-
-def live_gateways(
-    tmp_path: Path, watch: Callable[..., None]
-) -> Iterator[Callable[..., LiveGateway]]:
-    """Body of a ``start_live(routes, **options)`` fixture: LiveGateways stopped after the test.
-
-    A test module makes it a fixture with ``start_live = pytest.fixture(live_gateways)``.
-    """
-    with ExitStack() as stack:
-        count = itertools.count()
-
-        def start(routes: Sequence[Route], **options: Any) -> LiveGateway:
-            gateway = LiveGateway(tmp_path / f"live-{next(count)}", routes, **options)
-            watch(gateway)
-            stack.enter_context(gateway)
-            return gateway
-
-        yield start
