@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.envoy_admin import admin_get
 from extproc.model import Endpoint
 
 PR_SET_PDEATHSIG = 1
@@ -71,12 +71,10 @@ def wait_serving(
 
 def envoy_ready(admin: Endpoint) -> bool:
     try:
-        with urllib.request.urlopen(
-            f"http://{admin.address}:{admin.port}/ready", timeout=0.5
-        ) as reply:
-            return bool(reply.status == 200)
+        admin_get(admin, "/ready", timeout=0.5)
     except (urllib.error.URLError, OSError):
         return False
+    return True
 
 
 def wait_envoy_ready(
@@ -92,16 +90,9 @@ def wait_envoy_ready(
         time.sleep(0.05)
 
 
-def _admin(admin: Endpoint, path: str, method: str = "GET") -> str:
-    url = f"http://{admin.address}:{admin.port}{path}"
-    request = urllib.request.Request(url, method=method)
-    with urllib.request.urlopen(request, timeout=2) as reply:  # noqa: S310 (our http URL)
-        return str(reply.read().decode())
-
-
 def active_requests(admin: Endpoint) -> int:
     """Requests Envoy is serving right now on the gateway listener."""
-    text = _admin(admin, "/stats?filter=^http.gateway.downstream_rq_active$")
+    text = admin_get(admin, "/stats?filter=^http.gateway.downstream_rq_active$")
     return int(text.split(":")[1]) if ":" in text else 0
 
 
@@ -112,7 +103,7 @@ def drain_envoy(admin: Endpoint, deadline_s: float) -> None:
     already under way run to their end (or until ``deadline_s``).
     """
     try:
-        _admin(admin, "/drain_listeners?inboundonly", method="POST")
+        admin_get(admin, "/drain_listeners?inboundonly", method="POST")
         end = time.monotonic() + deadline_s
         while active_requests(admin) > 0 and time.monotonic() < end:
             time.sleep(0.1)
@@ -132,7 +123,7 @@ def wait_listening(
     while True:
         _ensure_running(process, "envoy")
         try:
-            listeners = json.loads(_admin(admin, "/listeners?format=json")).get(
+            listeners = json.loads(admin_get(admin, "/listeners?format=json")).get(
                 "listener_statuses", []
             )
         except (urllib.error.URLError, OSError, ValueError):

@@ -55,7 +55,6 @@ class PolicyHolder:
         self._policy: Policy | None = None
         self._delivered: Policy | None = None  # the routes Envoy has been given
         self.config: GatewayConfig | None = None  # the config the current policy came from
-        self.last_error = ""
 
     @property
     def policy(self) -> Policy:
@@ -89,10 +88,9 @@ class PolicyHolder:
     def _swap(self, config: GatewayConfig, policy: Policy) -> None:
         known = {} if self._delivered is None else dict(self._delivered.routes)
         self._policy = replace(policy, routes=MappingProxyType({**known, **policy.routes}))
-        self.config, self.last_error = config, ""
+        self.config = config
 
     def _failed(self, problems: Sequence[str]) -> None:
-        self.last_error = "; ".join(problems)
         self._metrics.loaded("", ok=False)
         kept = "keeping the last good config" if self._delivered else "nothing to serve"
         log.error("config not loaded (%s):\n  %s", kept, "\n  ".join(problems))

@@ -30,12 +30,6 @@ class Secret:
 
     __str__ = __repr__
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
 
 class SecretError(Exception):
     """A secret could not be read; the message names its source only."""

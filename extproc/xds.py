@@ -15,10 +15,10 @@ import os
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Collection
 from pathlib import Path
 
+from extproc.envoy_admin import admin_get
 from extproc.model import Endpoint, GatewayConfig
 from extproc.render.bootstrap import RESOURCE_FILES, render_resources, to_yaml
 from extproc.render.clusters import clusters
@@ -48,12 +48,11 @@ def wait_for_clusters(admin: Endpoint, names: Collection[str], deadline_s: float
     warming gets 503 ``cluster_not_found``. Files give no acknowledgement, so the
     admin page is the only way to know. No Envoy running (first start): nothing to wait for.
     """
-    url = f"http://{admin.address}:{admin.port}/clusters"
     end = time.monotonic() + deadline_s
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=1) as reply:
-                active = {line.split("::", 1)[0] for line in reply.read().decode().splitlines()}
+            page = admin_get(admin, "/clusters", timeout=1)
+            active = {line.split("::", 1)[0] for line in page.splitlines()}
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, ConnectionRefusedError):
                 return  # Envoy not started yet: it reads every file when it starts
