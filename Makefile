@@ -41,7 +41,7 @@ bench: $(STAMP) ## benchmark the gateway against bare Envoy (installs Debian's w
 	$(BIN)/python bench/run.py
 
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
-	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/test_golden.py -q
+	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/unit/test_golden.py -q
 
 .PHONY: help install run validate render test lint bench golden
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from extproc import processes
-from extproc.model import Endpoint
+from extproc.config.model import Endpoint
+from extproc.runtime import processes
 
 LOOPBACK = "127.0.0.1"
 SERVER_KEY_ENV = "BENCH_ANTHROPIC_API_KEY"

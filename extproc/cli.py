@@ -7,12 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from extproc.access import key_line, new_key
-from extproc.config import load_config, warnings
-from extproc.policy import compile_policy
+from extproc.config.load import load_config, warnings
+from extproc.config.sections import ConfigError
+from extproc.policy.access import key_line, new_key
+from extproc.policy.compiled import compile_policy
 from extproc.render import render_yaml
-from extproc.sections import ConfigError
-from extproc.xds import XdsWriter
+from extproc.runtime.xds import XdsWriter
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -40,14 +40,14 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from extproc.server import serve  # grpc only when serving
+    from extproc.runtime.serve import serve  # grpc only when serving
 
     xds_dir = args.xds_dir.resolve() if args.xds_dir else None
     return serve(args.config, xds_dir=xds_dir, worker_dir=args.worker, socket=args.socket)
 
 
 def _up(args: argparse.Namespace) -> int:
-    from extproc.supervisor import up
+    from extproc.runtime.supervisor import up
 
     return up(args.config, envoy=args.envoy)
 
@@ -56,7 +56,7 @@ def _health(args: argparse.Namespace) -> int:
     """Exit 0 iff the processor named by CONFIG answers SERVING (for container health checks)."""
     import grpc
 
-    from extproc.processes import health_status
+    from extproc.runtime.processes import health_status
 
     settings = load_config(args.config).extproc
     try:

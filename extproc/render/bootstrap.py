@@ -2,7 +2,7 @@
 
 Static: everything inline, for a one-shot ``render``. Dynamic (``xds_dir``):
 the bootstrap only names three files in that folder (listeners, routes,
-clusters), which Envoy watches; ``extproc.xds`` rewrites them atomically on
+clusters), which Envoy watches; ``extproc.runtime.xds`` rewrites them atomically on
 every good config load, so routes and upstreams change without a restart and
 without dropping connections (route changes do not touch the listener).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from extproc.model import GatewayConfig
+from extproc.config.model import GatewayConfig
 from extproc.render.clusters import clusters
 from extproc.render.common import Json, socket_address, typed
 from extproc.render.listener import listener

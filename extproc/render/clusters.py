@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.model import GatewayConfig, Route
+from extproc.config.model import GatewayConfig, Route
 from extproc.render import tls
 from extproc.render.common import (
     EXTPROC_CLUSTER,

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 
-from extproc.model import FailureMode, GatewayConfig
+from extproc.config.model import METADATA_NAMESPACE, FailureMode, GatewayConfig
 from extproc.render.common import EXTPROC_CLUSTER, EXTPROC_FILTER, Json, seconds, typed
-from extproc.responses import METADATA_NAMESPACE
 
 _EXT_PROC = "envoy.extensions.filters.http.ext_proc.v3."
 

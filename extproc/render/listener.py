@@ -10,10 +10,9 @@ Timeouts leave long SSE responses alone: only idle streams are cut.
 
 from __future__ import annotations
 
-from extproc.model import GatewayConfig
+from extproc.config.model import METADATA_NAMESPACE, GatewayConfig
 from extproc.render import extproc_filter, routes, tls
 from extproc.render.common import Json, seconds, socket_address, typed
-from extproc.responses import METADATA_NAMESPACE
 
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 
-from extproc.model import GatewayConfig, Route
+from extproc.config.model import METADATA_NAMESPACE, GatewayConfig, Route
 from extproc.render import extproc_filter
 from extproc.render.common import Json, cluster_name, seconds
-from extproc.responses import METADATA_NAMESPACE
 
 # Envoy joins repeated headers with ',' before matching. A value with a character
 # that is neither white space nor ',' proves some copy is non-blank; for

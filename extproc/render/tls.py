@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extproc.model import TlsFiles, Upstream
+from extproc.config.model import TlsFiles, Upstream
 from extproc.render.common import Json, is_ip, typed
 
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.access import key_line
+from extproc.policy.access import key_line
 from harness.clients import (
     TIMEOUT_S,
     HeaderLines,

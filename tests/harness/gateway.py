@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from extproc import processes
-from extproc.model import Endpoint
+from extproc.config.model import Endpoint
+from extproc.runtime import processes
 from harness.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout whose extproc/ is under test

@@ -34,8 +34,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc import processes
-from extproc.model import Endpoint
+from extproc.config.model import Endpoint
+from extproc.runtime import processes
 from harness.clients import http1, http2
 from harness.gateway import ROOT, Gateway, Route, base_env
 from harness.ports import free_port

@@ -16,9 +16,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
-from extproc.config import load_config
-from extproc.policy import Policy, compile_policy
-from extproc.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE
+from extproc.config.load import load_config
+from extproc.policy.compiled import Policy, compile_policy
+from extproc.policy.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE
 
 Headers = Iterable[tuple[str, bytes]]
 

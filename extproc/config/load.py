@@ -1,0 +1,351 @@
+"""Validate the ops YAML into a ``GatewayConfig`` and report every mistake at once.
+
+Relative file paths in the YAML (secrets, CA bundles, TLS files) are taken
+relative to the YAML file's folder, so a config directory can be moved or
+mounted anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from extproc.config import model
+from extproc.config.sections import ConfigError, Problems, Section, field_name
+from extproc.config.yamlsource import Document, YamlSyntaxError, load
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# RFC 9110 token, lower case, and no underscores: Envoy rejects those names at the edge.
+_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^`|~-]+$")
+_HEADER_HINT = "expected a lower-case header name, no '_', not one Envoy manages"
+# Headers Envoy owns or treats specially: a credential there would be dropped or rewritten.
+_FORBIDDEN_HEADERS = {
+    "host", "content-length", "transfer-encoding", "connection", "te", "keep-alive", "upgrade",
+    "proxy-connection", "x-forwarded-for", "x-forwarded-proto", "x-request-id",
+}  # fmt: skip
+
+
+def load_config(path: Path) -> model.GatewayConfig:
+    """Read and validate ``path``; raise ConfigError listing every problem."""
+    try:
+        doc = load(path)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    except YamlSyntaxError as exc:
+        raise ConfigError([str(exc)]) from None
+    return parse(doc, path.resolve().parent, source=path)
+
+
+def warnings(config: model.GatewayConfig) -> list[str]:
+    """What is allowed but risky: credential routes open to anyone on a non-loopback listener."""
+    where = f"{config.listener.address}:{config.listener.port}"
+    return [
+        f"WARNING: {_OPEN_RELAY.format(route=route.name)} (listener {where}; "
+        "set listener.require_access: true to make this an error)"
+        for route in config.open_relay_routes()
+    ]
+
+
+def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
+    """Validate a parsed document; file paths are resolved against ``base``."""
+    problems = Problems(doc)
+    top = Section(
+        problems, (), doc.data, ["listener", "admin", "extproc", "metrics", "access", "routes"]
+    )
+    parser = _Parser(problems, base)
+    parser.default_access = parser.access(top.section("access", _ACCESS))
+    listener = parser.listener(top.section("listener", _LISTENER, required=True))
+    admin = parser.endpoint(top.section("admin", ["address", "port"]), "127.0.0.1", 9901)
+    extproc = parser.extproc(top.section("extproc", _EXTPROC))
+    metrics = parser.endpoint(top.section("metrics", ["address", "port"]), "127.0.0.1", 9464)
+    if top.ok and not top.has("routes"):
+        top.error(None, "missing required field 'routes'")
+    routes = [parser.route(path, raw) for path, raw in top.items("routes")]
+    if top.has("routes") and not routes and top.ok:
+        top.error("routes", "give at least one route")
+    _check_unique(problems, top, routes)
+    if listener and listener.require_access and not model.is_loopback(listener.address):
+        for index, route in enumerate(routes):
+            if route and route.credential and route.access is None:
+                problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
+    tcp_extproc = extproc if extproc and not extproc.socket else None
+    _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
+    if problems.items:
+        raise ConfigError(problems.items)
+    assert listener and admin and extproc and metrics  # no problems → every part was built
+    return model.GatewayConfig(
+        source=source,
+        source_digest=doc.digest,
+        listener=listener,
+        admin=admin,
+        extproc=extproc,
+        routes=tuple(r for r in routes if r is not None),
+        metrics=metrics if top.has("metrics") else None,
+    )
+
+
+_LISTENER = [
+    "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
+]  # fmt: skip
+_EXTPROC = [
+    "address", "port", "socket", "failure_mode", "timeout_ms", "workers", "fast_path", "server",
+]  # fmt: skip
+_ROUTE = [
+    "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
+    "timeout_s", "connect_timeout_s", "retries",
+]  # fmt: skip
+_CREDENTIAL = ["header", "format", "secret", "client_credentials"]
+_ACCESS = ["keys_file", "header", "for_client_credentials"]
+_OPEN_RELAY = (
+    "route {route} spends the server key for anyone who reaches the listener: "
+    "configure access (gateway keys) or bind the listener to a loopback address"
+)
+
+
+class _Parser:
+    """Builds model parts from sections; returns None for a part with problems."""
+
+    def __init__(self, problems: Problems, base: Path) -> None:
+        self.problems = problems
+        self.base = base
+        self.default_access: model.AccessControl | None = None
+
+    def access(self, s: Section | None) -> model.AccessControl | None:
+        if s is None or not s.ok:
+            return None
+        keys_file = self._path(s, "keys_file")
+        if not s.has("keys_file"):
+            s.error(None, "missing required field 'keys_file'")
+        header = s.text("header", "x-gateway-key")
+        if header and not _valid_header(header):
+            s.error(
+                "header",
+                f"{_HEADER_HINT} (e.g. x-gateway-key)",
+            )
+            header = None
+        strict = s.flag("for_client_credentials", False)
+        if keys_file is None or header is None or strict is None:
+            return None
+        return model.AccessControl(keys_file, header, strict, self._origin(s))
+
+    def route_access(self, s: Section) -> model.AccessControl | None:
+        """The route's own ``access``, ``false`` for none, or the top-level default."""
+        if not s.has("access"):
+            return self.default_access
+        if s.raw["access"] is False:
+            return None
+        return self.access(s.section("access", _ACCESS))
+
+    def _path(self, section: Section, key: str) -> Path | None:
+        value = section.text(key, None)
+        return None if value is None else (self.base / value)
+
+    def endpoint(self, s: Section | None, address: str, port: int) -> model.Endpoint | None:
+        if s is None:
+            return model.Endpoint(address, port)
+        addr, number = s.text("address", address), s.port("port", port)
+        return model.Endpoint(addr, number) if addr and number else None
+
+    def listener(self, s: Section | None) -> model.Listener | None:
+        if s is None:
+            return None
+        tls = None
+        if (t := s.section("tls", ["cert_file", "key_file"])) is not None:
+            cert, key = t.text("cert_file"), t.text("key_file")
+            tls = model.TlsFiles(self.base / cert, self.base / key) if cert and key else None
+        values = {
+            "address": s.text("address"),
+            "port": s.port("port"),
+            "require_access": s.flag("require_access", False),
+            "stream_idle_timeout_s": s.integer("stream_idle_timeout_s", 300, 1, 86400),
+            "max_request_headers_kb": s.integer("max_request_headers_kb", 60, 1, 8192),
+        }
+        if None in values.values() or (s.has("tls") and tls is None):
+            return None
+        return model.Listener(tls=tls, **values)
+
+    def extproc(self, s: Section | None) -> model.ExtprocSettings | None:
+        if s is None:
+            return model.ExtprocSettings()
+        address = s.text("address", "127.0.0.1")
+        if address and not model.is_loopback(address):
+            s.error(
+                "address", "must be a loopback address: the processor's answers carry the secret"
+            )
+            address = None
+        values = {
+            "address": address,
+            "port": s.port("port", 50051),
+            "failure_mode": s.choice("failure_mode", model.FailureMode, model.FailureMode.CLOSED),
+            "timeout_ms": s.integer("timeout_ms", 200, 1, 60000),
+            "workers": s.integer("workers", 1, 1, 64),
+            "fast_path": s.flag("fast_path", True),
+            "server": s.choice("server", model.ServerKind, model.ServerKind.LEAN),
+        }
+        socket = self._path(s, "socket")
+        if socket is not None and (s.has("address") or s.has("port")):
+            s.error("socket", "give either socket or address/port, not both")
+            return None
+        if socket is not None and values["workers"] not in (None, 1):
+            s.error("workers", "several workers need a TCP port (SO_REUSEPORT), not a socket")
+            return None
+        return None if None in values.values() else model.ExtprocSettings(socket=socket, **values)
+
+    def route(self, path: tuple[str | int, ...], raw: Any) -> model.Route | None:
+        s = Section(self.problems, path, raw, _ROUTE)
+        if not s.ok:
+            return None
+        name, prefix = s.text("name"), s.text("prefix")
+        if name and not _NAME.match(name):
+            s.error("name", "use letters, digits, '.', '_' and '-' (at most 63)")
+            name = None
+        if prefix and not (prefix.startswith("/") and prefix.endswith("/")):
+            s.error("prefix", "must start and end with '/' (e.g. /anthropic/)")
+            prefix = None
+        upstream = self.upstream(s)
+        ca_file = self._path(s, "ca_file")
+        if ca_file and upstream and not upstream.tls:
+            s.error("ca_file", "only applies to an https upstream")
+        credential = self.credential(s.section("credential", _CREDENTIAL))
+        access = self.route_access(s)
+        if credential and access and access.header in credential.client_credentials:
+            s.error("access", f"header {access.header!r} is also a client credential header")
+            access = None
+        values = {
+            "error_style": s.choice("error_style", model.ErrorStyle, model.ErrorStyle.ANTHROPIC),
+            "timeout_s": s.integer("timeout_s", 0, 0, 86400),
+            "connect_timeout_s": s.integer("connect_timeout_s", 10, 1, 300),
+            "retries": s.integer("retries", 2, 0, 10),
+        }
+        if None in (name, prefix, upstream, *values.values()):
+            return None
+        if (s.has("credential") and credential is None) or (
+            s.has("access") and s.raw["access"] is not False and access is None
+        ):
+            return None
+        assert name and prefix and upstream
+        return model.Route(
+            name, prefix, upstream, credential, access if credential else None, ca_file, **values
+        )
+
+    def upstream(self, s: Section) -> model.Upstream | None:
+        url = s.text("upstream")
+        if not url:
+            return None
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port, parts = None, parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            s.error("upstream", "expected an http:// or https:// URL with a host")
+            return None
+        if parts.username or parts.query or parts.fragment:
+            s.error("upstream", "give scheme, host, optional port and path only")
+            return None
+        tls = parts.scheme == "https"
+        path = parts.path.rstrip("/") + "/"
+        return model.Upstream(tls, parts.hostname, port or (443 if tls else 80), path)
+
+    def credential(self, s: Section | None) -> model.Credential | None:
+        if s is None or not s.ok:
+            return None
+        header = s.text("header")
+        if header and not _valid_header(header):
+            s.error(
+                "header",
+                f"{_HEADER_HINT} (e.g. x-api-key)",
+            )
+            header = None
+        fmt = s.text("format", "{secret}")
+        if fmt and (fmt.count("{secret}") != 1 or fmt.replace("{secret}", "").count("{")):
+            s.error("format", "must contain {secret} exactly once and no other braces")
+            fmt = None
+        secret = self.secret(s.section("secret", ["env", "file", "optional"], required=True))
+        clients = self.client_credentials(s)
+        if header and clients is not None and header not in clients:
+            s.error(
+                "client_credentials",
+                f"must include {header!r}, or a client's own would be overwritten",
+            )
+            clients = None
+        if header and fmt and secret and clients:
+            return model.Credential(header, fmt, secret, clients)
+        return None
+
+    def client_credentials(self, s: Section) -> tuple[str, ...] | None:
+        if not s.has("client_credentials"):
+            return model.DEFAULT_CLIENT_CREDENTIALS
+        names: list[str] = []
+        for path, item in s.items("client_credentials"):
+            if not isinstance(item, str) or not _valid_header(item.lower()):
+                self.problems.add(path, "expected a header name")
+                return None
+            names.append(item.lower())
+        if not names:
+            s.error("client_credentials", "give at least one header name")
+            return None
+        return tuple(dict.fromkeys(names))
+
+    def secret(self, s: Section | None) -> model.SecretRef | None:
+        if s is None or not s.ok:
+            return None
+        env, file = s.text("env", None), self._path(s, "file")
+        optional = s.flag("optional", False)
+        if (env is None) == (file is None):
+            s.error(None, "give exactly one of env, file")
+            return None
+        if env is not None and not _ENV_NAME.match(env):
+            # Never echoed: a key pasted here instead of a variable name must not reach a log.
+            s.error("env", "expected an environment variable name (letters, digits, '_')")
+            return None
+        if optional is None:
+            return None
+        return model.SecretRef(env, file, optional, self._origin(s))
+
+    def _origin(self, s: Section) -> str:
+        """Where a section is, for messages about what it names: ``gateway.yaml:8 routes[0]...``."""
+        return (
+            f"{self.problems.doc.filename}:{self.problems.doc.line_of(s.path)} {field_name(s.path)}"
+        )
+
+
+def _valid_header(name: str) -> bool:
+    return (
+        bool(_HEADER.match(name))
+        and name not in _FORBIDDEN_HEADERS
+        and not name.startswith("x-envoy-")
+    )
+
+
+def _check_unique(problems: Problems, top: Section, routes: list[model.Route | None]) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for index, route in enumerate(routes):
+        if route is None:
+            continue
+        for key in ("name", "prefix"):
+            value = getattr(route, key)
+            if (key, value) in seen:
+                first = seen[(key, value)]
+                problems.add(
+                    ("routes", index, key), f"{value!r} is already used by routes[{first}]"
+                )
+            else:
+                seen[(key, value)] = index
+
+
+def _check_ports(
+    top: Section, *endpoints: model.Endpoint | model.Listener | model.ExtprocSettings | None
+) -> None:
+    names = ("listener", "admin", "extproc", "metrics")
+    used: dict[int, str] = {}
+    for name, endpoint in zip(names, endpoints, strict=True):
+        if endpoint is None:
+            continue
+        if endpoint.port in used:
+            message = f"port {endpoint.port} is already used by {used[endpoint.port]}"
+            top.problems.add((name, "port"), message)
+        used[endpoint.port] = name

@@ -1,0 +1,146 @@
+"""``extproc.workers: N``: N processor processes on one port, under one supervisor.
+
+The kernel spreads Envoy's connections over the workers (SO_REUSEPORT), so the
+processor uses more than one core. The supervisor is the only one watching
+the files: on a change it loads the config itself, tells every worker to
+reload (SIGHUP), waits until each reports the same policy version, and only
+then hands Envoy the new routes, so no request can reach a worker that does
+not know its route yet. It also serves the workers' summed metrics, restarts
+a worker that dies, and passes SIGTERM on for a graceful stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from extproc.config.model import GatewayConfig
+from extproc.runtime.processes import start_child
+from extproc.runtime.reload import PolicyHolder, watch
+from extproc.runtime.xds import XdsWriter, atomic_write
+from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers
+
+log = logging.getLogger("extproc.workers")
+RESTART_DELAY_S = 1.0
+RELOAD_DEADLINE_S = 5.0
+MAX_BACKOFF_S = 60.0
+
+
+def report_version(control_dir: Path, version: str) -> None:
+    """A worker's answer to SIGHUP: the policy version it now serves."""
+    atomic_write(control_dir / f"{os.getpid()}.version", version)
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, xds_dir: Path | None, grace_s: float) -> None:
+        self.config_path = config_path
+        self.grace_s = grace_s
+        self.writer = XdsWriter(xds_dir) if xds_dir else None
+        self.holder = PolicyHolder(config_path, Metrics(), on_loaded=self._roll_out)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="extproc-workers-"))
+        (self.run_dir / "metrics").mkdir()
+        self.env = {**os.environ, MULTIPROCESS_ENV: str(self.run_dir / "metrics")}
+        self.command = [
+            sys.executable,
+            "-m",
+            "extproc",
+            "serve",
+            str(config_path),
+            "--worker",
+            str(self.run_dir),
+        ]
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._started_at: dict[int, float] = {}  # by worker slot
+        self._backoff: dict[int, float] = {}
+        self._not_before: dict[int, float] = {}
+
+    def _roll_out(self, config: GatewayConfig) -> None:
+        """Every worker reloads and confirms before Envoy gets the new routes."""
+        version = self.holder.policy.version
+        for worker in self.workers:
+            worker.send_signal(signal.SIGHUP)
+        if self.workers and not self._confirmed(version):
+            raise OSError(
+                f"not every worker loaded config {version} within {RELOAD_DEADLINE_S:.0f}s"
+            )
+        if self.writer is not None:
+            self.writer.write(config)
+
+    def _load(self) -> bool:
+        """A failed load is passed on too: each worker then reports it in health and metrics."""
+        ok = self.holder.load()
+        if not ok:
+            for worker in self.workers:
+                worker.send_signal(signal.SIGHUP)
+        return ok
+
+    def _confirmed(self, version: str) -> bool:
+        deadline = time.monotonic() + RELOAD_DEADLINE_S
+        while time.monotonic() < deadline:
+            reports = [self.run_dir / f"{worker.pid}.version" for worker in self.workers]
+            if all(path.exists() and path.read_text() == version for path in reports):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def run(self, config: GatewayConfig) -> int:
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        if not self.holder.load():  # writes Envoy's files before any worker starts
+            return 2
+        self.workers = [self._start() for _ in range(config.extproc.workers)]
+        if config.metrics is not None:
+            serve_workers(config.metrics, self.run_dir / "metrics")
+        threading.Thread(
+            target=watch, args=(self.holder, stop, self._load), name="reload", daemon=True
+        ).start()
+        try:
+            while not stop.wait(RESTART_DELAY_S):
+                self._restart_dead()
+        finally:
+            self._stop_all()
+        return 0
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return start_child(self.command, env=self.env)
+
+    def _restart_dead(self) -> None:
+        """Replace dead workers, backing off (up to a minute) while they keep dying."""
+        now = time.monotonic()
+        for index, worker in enumerate(self.workers):
+            if worker.poll() is None or now < self._not_before.get(index, 0.0):
+                continue
+            log.error("worker %d exited with %s; restarting it", worker.pid, worker.returncode)
+            quick = now - self._started_at.get(index, 0.0) < MAX_BACKOFF_S
+            self._backoff[index] = (
+                min(MAX_BACKOFF_S, self._backoff.get(index, 0.5) * 2) if quick else 1.0
+            )
+            self._not_before[index] = now + self._backoff[index]
+            self.workers[index] = self._start()
+            self._started_at[index] = now
+
+    def _stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.wait(self.grace_s + 2)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)

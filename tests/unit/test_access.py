@@ -1,0 +1,117 @@
+"""Gateway keys: the keys file, keygen, and the access settings in the YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc.config.load import load_config, warnings
+from extproc.config.sections import ConfigError
+from extproc.policy.access import GatewayKeys, KeysFileError, key_line, new_key, read_keys
+from extproc.policy.compiled import compile_policy
+
+ROUTE = """\
+routes:
+  - name: a
+    prefix: /a/
+    upstream: https://api.anthropic.com
+    credential: {header: x-api-key, secret: {env: K}}
+"""
+
+
+def test_a_generated_key_matches_only_its_own_line(tmp_path: Path) -> None:
+    key, other = new_key(), new_key()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(
+        f"# team keys\n{key_line('alice', key)}\n\n{key_line('bob', other)}  # laptop\n"
+    )
+    keys = GatewayKeys("x-gateway-key", read_keys(keys_file), False)
+    assert keys.identify(key.encode()) == "alice"
+    assert keys.identify(other.encode()) == "bob"
+    assert keys.identify(b"gk-guess") is None and keys.identify(None) is None
+    assert key not in keys_file.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("alice sha256:1234\n", "keys:1: expected '<name> sha256:<64 hex digits>'"),
+        (
+            f"alice sha256:{'a' * 64}\nalice sha256:{'b' * 64}\n",
+            "keys:2: client name 'alice' is listed twice",
+        ),
+        ("gk-plaintext-key-pasted-here\n", "keys:1: expected '<name> sha256:<64 hex digits>'"),
+    ],
+)
+def test_a_bad_keys_file_names_the_line_never_the_content(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    (tmp_path / "keys").write_text(text)
+    with pytest.raises(KeysFileError) as caught:
+        read_keys(tmp_path / "keys")
+    assert str(caught.value) == f"{tmp_path}/{message}"
+    assert "plaintext" not in str(caught.value)
+
+
+def test_keygen_prints_the_key_once_and_appends_only_the_hash(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "keygen", "carol", "--append", str(keys_file)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    key = next(word for word in result.stdout.split() if word.startswith("gk-"))
+    assert key not in keys_file.read_text()
+    assert (
+        GatewayKeys("x-gateway-key", read_keys(keys_file), False).identify(key.encode()) == "carol"
+    )
+
+
+def test_top_level_access_applies_to_every_credential_route_unless_turned_off(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "keys").write_text(key_line("alice", "k") + "\n")
+    (tmp_path / "gateway.yaml").write_text(
+        "listener: {address: 0.0.0.0, port: 4000}\naccess: {keys_file: keys}\n" + ROUTE
+        + "  - {name: b, prefix: /b/, upstream: 'https://x.example', access: false,\n"
+        "     credential: {header: x-api-key, secret: {env: K}}}\n"
+    )  # fmt: skip
+    config = load_config(tmp_path / "gateway.yaml")
+    assert (
+        config.routes[0].access is not None
+        and config.routes[0].access.keys_file == tmp_path / "keys"
+    )
+    assert config.routes[1].access is None
+    assert [r.name for r in config.open_relay_routes()] == ["b"]
+    assert "route b spends the server key for anyone" in warnings(config)[0]
+    compile_policy(config, {"K": "server"})
+
+
+def test_require_access_turns_the_open_relay_warning_into_an_error(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text(
+        "listener: {address: 0.0.0.0, port: 4000, require_access: true}\n" + ROUTE
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "gateway.yaml")
+    assert caught.value.problems == (
+        "gateway.yaml:3 routes[0]: route a spends the server key for anyone who reaches the listener: "
+        "configure access (gateway keys) or bind the listener to a loopback address",
+    )
+
+
+def test_a_loopback_listener_needs_no_access_control(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text("listener: {address: 127.0.0.1, port: 4000}\n" + ROUTE)
+    assert warnings(load_config(tmp_path / "gateway.yaml")) == []
+
+
+def test_a_missing_keys_file_is_a_load_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_text(
+        "listener: {address: 127.0.0.1, port: 4000}\naccess: {keys_file: nope}\n" + ROUTE
+    )
+    with pytest.raises(ConfigError) as caught:
+        compile_policy(load_config(tmp_path / "gateway.yaml"), {"K": "server"})
+    assert caught.value.problems == (
+        f"gateway.yaml:2 access: keys file {tmp_path}/nope cannot be read: No such file or directory",
+    )
