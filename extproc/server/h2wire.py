@@ -3,12 +3,14 @@
 Only what a gRPC server needs: frames in, frames out, request header blocks
 decoded, and response header blocks that never touch HPACK's dynamic table,
 so they are precomputed bytes that stay valid for any peer state.
+
+Nothing here relies on ``assert``: every length is checked or encoded in full,
+so the bytes on the wire are the same under ``python -O``.
 """
 
 from __future__ import annotations
 
 import struct
-from urllib.parse import quote
 
 import hpack
 from hpack.huffman_table import decode_huffman
@@ -24,17 +26,26 @@ END_HEADERS = 0x4
 PADDED = 0x8
 PRIORITY_FLAG = 0x20
 
+SETTINGS_HEADER_TABLE_SIZE = 0x1
+SETTINGS_ENABLE_PUSH = 0x2
 SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
-REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x9, 0xB
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x5, 0x6, 0x7
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
 
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
 MAX_FRAME_LIMIT = 2**24 - 1  # the largest SETTINGS_MAX_FRAME_SIZE a peer may announce
 MAX_WINDOW = 2**31 - 1
+DEFAULT_HEADER_TABLE = 4096  # HPACK's dynamic table size until the peer's SETTINGS say otherwise
+MAX_INTEGER_BYTES = 4  # HPACK integer continuation bytes read at most: values up to 2^28 + 254
+MAX_CACHED_STRING = 256  # longer Huffman strings are decoded each time, never kept
+MAX_CACHED_STRINGS = 64  # the cache is emptied when it holds this many
+MAX_HEADER_FIELDS = 64  # fields in one request header block (Envoy sends about ten)
+MAX_GRPC_MESSAGE = 200  # bytes of grpc-message text sent at most (before percent-encoding)
 
 
 class ProtocolViolation(Exception):
@@ -42,6 +53,15 @@ class ProtocolViolation(Exception):
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
+        self.code = code
+
+
+class StreamViolation(Exception):
+    """A stream-level protocol error (RFC 9113 5.4.2): RST_STREAM ``stream`` with ``code``."""
+
+    def __init__(self, stream: int, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.stream = stream
         self.code = code
 
 
@@ -70,21 +90,51 @@ def rst_stream(stream: int, code: int) -> bytes:
     return frame(RST_STREAM, 0, stream, code.to_bytes(4, "big"))
 
 
+def integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
+    """An HPACK integer (RFC 7541 5.1): ``flags`` fill the first byte's bits above the prefix."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((flags | value,))
+    out = bytearray((flags | limit,))
+    value -= limit
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def _literal(name: bytes, value: bytes) -> bytes:
     """A header field as "literal without indexing, new name" (no dynamic table, no Huffman)."""
-    assert len(name) < 127 and len(value) < 127
-    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+    return b"\x00" + integer(len(name), 7) + name + integer(len(value), 7) + value
+
+
+# Sent before the first header block after a peer shrank SETTINGS_HEADER_TABLE_SIZE (RFC 7541
+# 4.2): our table's size becomes 0, which fits any size the peer may announce later.
+TABLE_SIZE_ZERO = integer(0, 5, 0x20)
 
 
 # :status 200 is static table entry 8; content-type (31) by index, its value as a literal.
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + bytes((len(b"application/grpc"),)) + b"application/grpc"
 
 
+def grpc_message(text: str) -> bytes:
+    """``text`` as gRPC's grpc-message value: UTF-8, then %XX for bytes outside ' '..'~' and '%'.
+
+    At most MAX_GRPC_MESSAGE bytes of text are kept (cut on a character boundary).
+    """
+    raw = text.encode("utf-8", "replace")[:MAX_GRPC_MESSAGE].decode("utf-8", "ignore").encode()
+    return b"".join(
+        bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
+        for byte in raw
+    )
+
+
 def trailers(status: int, message: str = "") -> bytes:
     """The trailer block ending a call: grpc-status and, for errors, grpc-message."""
     block = _literal(b"grpc-status", str(status).encode())
     if message:
-        block += _literal(b"grpc-message", quote(message[:100], safe=" ").encode())
+        block += _literal(b"grpc-message", grpc_message(message))
     return block
 
 
@@ -119,20 +169,46 @@ class _NeedsFullDecode(Exception):
 
 
 def _integer(block: bytes, at: int, prefix_bits: int) -> tuple[int, int]:
-    """An HPACK integer (RFC 7541 5.1) starting at ``at``; returns (value, next offset)."""
+    """An HPACK integer (RFC 7541 5.1) starting at ``at``; returns (value, next offset).
+
+    At most MAX_INTEGER_BYTES continuation bytes: a longer one is a decoding error
+    (RFC 7541 5.1 lets a decoder set this limit), so the work is a few steps.
+    """
     mask = (1 << prefix_bits) - 1
     value = block[at] & mask
     at += 1
     if value < mask:
         return value, at
-    shift = 0
-    while True:
+    for shift in range(0, 7 * MAX_INTEGER_BYTES, 7):
         byte = block[at]
         at += 1
         value += (byte & 0x7F) << shift
-        shift += 7
         if not byte & 0x80:
             return value, at
+    raise ValueError("HPACK integer longer than MAX_INTEGER_BYTES")
+
+
+def _scan(block: bytes) -> None:
+    """Check a block's structure before hpack decodes it: capped integers, strings inside
+    the block, at most MAX_HEADER_FIELDS fields (table size updates included)."""
+    at, fields = 0, 0
+    while at < len(block):
+        fields += 1
+        if fields > MAX_HEADER_FIELDS:
+            raise ProtocolViolation(ENHANCE_YOUR_CALM, "too many header fields")
+        byte = block[at]
+        if byte & 0x80:  # indexed
+            _, at = _integer(block, at, 7)
+            continue
+        if byte & 0xE0 == 0x20:  # dynamic table size update
+            _, at = _integer(block, at, 5)
+            continue
+        index, at = _integer(block, at, 6 if byte & 0x40 else 4)
+        for _ in range(1 if index else 2):  # the name unless indexed, then the value
+            length, at = _integer(block, at, 7)
+            at += length
+            if at > len(block):
+                raise IndexError("string runs past the block")
 
 
 class HeaderDecoder:
@@ -142,7 +218,8 @@ class HeaderDecoder:
     the tables, and ``:path`` as a literal that is never added to the table.
     Neither changes the dynamic table, so such blocks are read directly, with
     the (Huffman-coded) path string memoised. A block with any field that
-    changes the table goes through the full decoder.
+    changes the table goes through the full decoder, after a scan of its
+    structure (integer lengths, field count) so that hpack's work is bounded too.
     """
 
     def __init__(self) -> None:
@@ -156,14 +233,19 @@ class HeaderDecoder:
             try:
                 return self._read_without_table_changes(block)
             except _NeedsFullDecode:
+                _scan(block)
                 fields = self._decoder.decode(block, raw=True)
                 return next((bytes(value) for name, value in fields if name == b":path"), b"")
-        except (hpack.HPACKError, IndexError) as exc:
-            raise ProtocolViolation(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        except (hpack.HPACKError, IndexError, ValueError, UnicodeError) as exc:
+            reason = f"bad header block: {type(exc).__name__}"
+            raise ProtocolViolation(COMPRESSION_ERROR, reason) from None
 
     def _read_without_table_changes(self, block: bytes) -> bytes:
-        path, at = b"", 0
+        path, at, fields = b"", 0, 0
         while at < len(block):
+            fields += 1
+            if fields > MAX_HEADER_FIELDS:
+                raise ProtocolViolation(ENHANCE_YOUR_CALM, "too many header fields")
             byte = block[at]
             if byte & 0x80:  # indexed field
                 index, at = _integer(block, at, 7)
@@ -174,8 +256,8 @@ class HeaderDecoder:
                 index, at = _integer(block, at, 4)
                 if index:
                     name = bytes(self._table.get_by_index(index)[0])
-                else:
-                    name, at = self._string(block, at, decode=True)
+                else:  # a new name: only a short string can be ":path"
+                    name, at = self._string(block, at, decode=block[at] & 0x7F <= len(b":path"))
                 value, at = self._string(block, at, decode=name == b":path")
                 if name == b":path":
                     path = value
@@ -191,9 +273,12 @@ class HeaderDecoder:
             raise IndexError("string runs past the block")
         if not decode or not huffman:
             return raw, end
+        if length > MAX_CACHED_STRING:
+            return bytes(decode_huffman(raw)), end
         known = self._strings.get(raw)
         if known is None:
             known = bytes(decode_huffman(raw))
-            if len(self._strings) < 64:
-                self._strings[raw] = known
+            if len(self._strings) >= MAX_CACHED_STRINGS:
+                self._strings.clear()
+            self._strings[raw] = known
         return known, end
