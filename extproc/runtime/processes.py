@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -153,6 +154,35 @@ def envoy_command(envoy: str, bootstrap: Path, log_level: str = "warning") -> li
         envoy, "-c", str(bootstrap), "--disable-hot-restart", "--log-level", log_level,
         "--file-flush-interval-msec", str(FILE_FLUSH_INTERVAL_MS),
     ]  # fmt: skip
+
+
+class Backoff:
+    """When a child that keeps dying may be started again; one per child slot.
+
+    The first restart is at once. Each restart that follows within
+    ``ceiling_s`` of the one before waits twice as long as the last (1 s, 2 s,
+    4 s, … up to ``ceiling_s``); a child that ran longer starts afresh at 1 s.
+    Used by ``up`` for the processor and by the ``workers`` supervisor.
+    """
+
+    FIRST_S = 1.0
+
+    def __init__(self, ceiling_s: float = 60.0) -> None:
+        self.ceiling_s = ceiling_s
+        self._restarted_at = -math.inf
+        self._delay_s = self.FIRST_S / 2
+        self._not_before = -math.inf
+
+    def wait_s(self, now: float) -> float:
+        """How long from ``now`` until the next restart is allowed (0: it is due)."""
+        return max(0.0, self._not_before - now)
+
+    def restarted(self, now: float) -> None:
+        """Record a restart made at ``now``; sets when the next one may be."""
+        quick = now - self._restarted_at < self.ceiling_s
+        self._delay_s = min(self.ceiling_s, self._delay_s * 2) if quick else self.FIRST_S
+        self._restarted_at = now
+        self._not_before = now + self._delay_s
 
 
 def _die_with_parent() -> None:

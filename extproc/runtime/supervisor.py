@@ -4,7 +4,13 @@ Start: the processor first (it writes Envoy's route and cluster files into the
 run folder and rewrites them whenever the YAML changes), and Envoy only once
 the processor is SERVING, so no request meets a missing processor. Stop: Envoy
 first (its listener closes at once, streams in flight finish), then the
-processor. If either dies, the other is stopped too.
+processor.
+
+A processor that dies is started again, at once the first time and then with
+a growing delay while it keeps dying (``processes.Backoff``, as the workers
+supervisor does); Envoy keeps running meanwhile and answers requests that
+need the processor with its ``failure_mode`` (503 when closed). If Envoy dies,
+everything stops and ``up`` exits 1.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2
 
 from extproc.config.load import load_config
 from extproc.config.model import GatewayConfig
@@ -26,6 +36,7 @@ from extproc.runtime import processes
 
 log = logging.getLogger("up")
 DRAIN_SECONDS = 300.0  # how long streaming responses in flight may run on after Ctrl-C/SIGTERM
+WATCH_INTERVAL_S = 0.2  # how often the children are looked at
 
 
 def banner(config: GatewayConfig) -> str:
@@ -74,10 +85,14 @@ def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SEC
         processes.wait_envoy_ready(config.admin, 30, envoy_process)
         processes.wait_listening(config.admin, config.listener.port, 10, envoy_process)
         print(banner(config), flush=True)
-        while not stopping.wait(0.2):
-            if extproc.poll() is not None or envoy_process.poll() is not None:
-                log.error("a gateway process exited; stopping the other")
+        processor = Processor(serve, extproc, config.extproc.target)
+        while not stopping.wait(WATCH_INTERVAL_S):
+            if envoy_process.poll() is not None:
+                log.error(
+                    "envoy exited with code %s; stopping the processor", envoy_process.returncode
+                )
                 return 1
+            extproc = processor.check(time.monotonic())
         return 0
     except processes.NotReady as exc:
         log.error("%s", exc)
@@ -88,3 +103,50 @@ def up(config_path: Path, envoy: str = "envoy", drain_seconds: float = DRAIN_SEC
             processes.stop(envoy_process)
         processes.stop(extproc)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class Processor:
+    """The processor child of ``up``: restarted with backoff when it dies, and logged.
+
+    ``check`` never blocks for long: Envoy is watched in the same loop.
+    """
+
+    def __init__(self, command: list[str], process: subprocess.Popen[bytes], target: str) -> None:
+        self.command = command
+        self.process = process
+        self.target = target
+        self.backoff = processes.Backoff()
+        self._down_logged = False
+        self._starting = False  # restarted, not yet seen SERVING
+
+    def check(self, now: float) -> subprocess.Popen[bytes]:
+        """Restart the processor if it died and its backoff allows; returns the current child."""
+        if self.process.poll() is None:
+            if self._starting and self._serving():
+                self._starting = False
+                log.info("processor %d is serving again", self.process.pid)
+            return self.process
+        wait_s = self.backoff.wait_s(now)
+        if not self._down_logged:
+            self._down_logged = True
+            log.error(
+                "processor %d exited with code %s; Envoy answers the requests that need it "
+                "per failure_mode until it is back; restarting it%s",
+                self.process.pid,
+                self.process.returncode,
+                f" in {wait_s:.1f}s" if wait_s else "",
+            )
+        if wait_s > 0:
+            return self.process
+        self.backoff.restarted(now)
+        self.process = processes.start_child(self.command)
+        self._down_logged = False
+        self._starting = True
+        return self.process
+
+    def _serving(self) -> bool:
+        try:
+            status = processes.health_status(self.target, timeout=WATCH_INTERVAL_S)
+        except grpc.RpcError:
+            return False
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from extproc.config.model import GatewayConfig
-from extproc.runtime.processes import start_child
+from extproc.runtime.processes import Backoff, start_child
 from extproc.runtime.reload import PolicyHolder, watch
 from extproc.runtime.xds import XdsWriter, atomic_write
 from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers
@@ -59,9 +59,7 @@ class Supervisor:
             str(self.run_dir),
         ]
         self.workers: list[subprocess.Popen[bytes]] = []
-        self._started_at: dict[int, float] = {}  # by worker slot
-        self._backoff: dict[int, float] = {}
-        self._not_before: dict[int, float] = {}
+        self._backoff: dict[int, Backoff] = {}  # by worker slot
 
     def _roll_out(self, config: GatewayConfig) -> None:
         """Every worker reloads and confirms before Envoy gets the new routes."""
@@ -123,16 +121,12 @@ class Supervisor:
         """Replace dead workers, backing off (up to a minute) while they keep dying."""
         now = time.monotonic()
         for index, worker in enumerate(self.workers):
-            if worker.poll() is None or now < self._not_before.get(index, 0.0):
+            backoff = self._backoff.setdefault(index, Backoff(MAX_BACKOFF_S))
+            if worker.poll() is None or backoff.wait_s(now) > 0:
                 continue
             log.error("worker %d exited with %s; restarting it", worker.pid, worker.returncode)
-            quick = now - self._started_at.get(index, 0.0) < MAX_BACKOFF_S
-            self._backoff[index] = (
-                min(MAX_BACKOFF_S, self._backoff.get(index, 0.5) * 2) if quick else 1.0
-            )
-            self._not_before[index] = now + self._backoff[index]
+            backoff.restarted(now)
             self.workers[index] = self._start()
-            self._started_at[index] = now
 
     def _stop_all(self) -> None:
         for worker in self.workers:

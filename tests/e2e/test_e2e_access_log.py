@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,10 @@ def up(
         process.stop()
 
 
-def access_log_entries(output: str, path: str) -> list[dict[str, Any]]:
-    """The JSON access-log lines of ``up``'s output whose path is ``path``."""
+def access_log_entries(up: UpProcess, path: str) -> list[dict[str, Any]]:
+    """The JSON access-log lines in ``up``'s output for requests to ``path``."""
     entries = []
-    for line in output.splitlines():
+    for line in up.output().splitlines():
         if line.startswith("{") and path in line:
             try:
                 entries.append(json.loads(line))
@@ -63,7 +64,7 @@ def test_up_writes_each_requests_access_log_line_within_two_seconds(
         with http1(up.base_url) as client:
             assert client.get(path).status_code == 200
         entries = poll(
-            lambda path=path: access_log_entries(up.output(), path),
+            partial(access_log_entries, up, path),
             bool,
             f"access log line for request {number}",
             deadline_s=PROMPT_S,
