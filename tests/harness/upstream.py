@@ -17,6 +17,9 @@ Paths it understands (after the gateway's prefix rewrite):
 - ``/redirect``: a 3xx (``?status=302``) to ``?location=`` (default ``/elsewhere``).
 - ``/status/NNN``: a JSON reply with that status.
 - anything else: 200 JSON naming the upstream and the path.
+
+A ``responder`` replaces all of these (``harness.fakeapi`` answers like the real
+Anthropic and OpenAI APIs); its ``Reply`` may stream, with ``chunks``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Reply:
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+    chunks: tuple[bytes, ...] | None = None  # instead of body: sent chunked, one write each
 
 
 Responder = Callable[[RecordedRequest], Reply]
@@ -250,6 +254,12 @@ class RecordingUpstream:
         else:
             body = {"upstream": self.name, "path": request.path}
             reply = Reply(200, json.dumps(body).encode())
+        if reply.chunks is not None:
+            conn.sendall(_head(reply.status, [*reply.headers, ("transfer-encoding", "chunked")]))
+            for data in reply.chunks:
+                conn.sendall(_chunk(data))
+            conn.sendall(b"0\r\n\r\n")
+            return keep_alive
         conn.sendall(
             _head(reply.status, [*reply.headers, ("content-length", str(len(reply.body)))])
             + reply.body
