@@ -54,6 +54,7 @@ class Case:
     prefix: str  # the route in ANTHROPIC_BASE_URL, no trailing slash (as users write it)
     env: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] | None = None  # ~/.claude/settings.json
+    files: dict[str, str] = field(default_factory=dict)  # more files, by path under HOME
     login: str | None = None  # an OAuth token stored as /login stores it
 
 
@@ -67,7 +68,8 @@ CASES = [
     ("gateway key in ANTHROPIC_API_KEY spends the organisation's key",
      Case("/anthropic", env={"ANTHROPIC_API_KEY": GK}), {"x-api-key": [SERVER_ANTHROPIC]}),
     ("gateway key from apiKeyHelper spends the organisation's key",
-     Case("/anthropic", settings={"apiKeyHelper": f"echo {GK}"}), {"x-api-key": [SERVER_ANTHROPIC]}),
+     Case("/anthropic", settings={"apiKeyHelper": "cat ~/.config/gateway-key"}, files={".config/gateway-key": GK}),
+     {"x-api-key": [SERVER_ANTHROPIC]}),
     ("OAuth token with the gateway key in ANTHROPIC_CUSTOM_HEADERS passes on a route that asks OAuth users for a key",
      Case("/strict/anthropic", env={"ANTHROPIC_AUTH_TOKEN": OAUTH, "ANTHROPIC_CUSTOM_HEADERS": f"x-gateway-key: {GK}"}),
      {"authorization": [f"Bearer {OAUTH}"]}),
@@ -94,9 +96,8 @@ def test_claude_code(
 ) -> None:
     key = clients_gateway.gateway_key
     home = _clean_home(tmp_path, case, key)
-    env = {name: os.environ[name] for name in _INHERITED if name in os.environ}
-    env |= QUIET | resolve(case.env, key)
-    env |= {"HOME": str(home), "ANTHROPIC_BASE_URL": clients_gateway.url(case.prefix)}
+    base = {"HOME": str(home), "ANTHROPIC_BASE_URL": clients_gateway.url(case.prefix)}
+    env = _environment(QUIET | resolve(case.env, key) | base)
 
     code, output = _run([str(claude), "-p", "say hi", "--output-format", "json"], env, home)
 
@@ -111,11 +112,32 @@ def test_claude_code(
     assert (result["is_error"], result["result"]) == (False, REPLY_TEXT), output
 
 
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"ANTHROPIC_API_KEY": ""}, {"ANTHROPIC_AUTH_TOKEN": ""}, {"ANTHROPIC_API_KEY": " "}],
+    ids=["nothing set", "empty API key", "empty auth token", "blank API key"],
+)
+def test_claude_code_without_a_credential_sends_nothing(
+    claude: Path, clients_gateway: ClientsGateway, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Why the README has no "set neither" recipe: the CLI refuses before any request."""
+    home = _clean_home(tmp_path, Case("/open/anthropic"), clients_gateway.gateway_key)
+    base = {"HOME": str(home), "ANTHROPIC_BASE_URL": clients_gateway.url("/open/anthropic")}
+
+    code, output = _run([str(claude), "-p", "say hi"], _environment(QUIET | env | base), home)
+
+    assert (code, output.strip()) == (1, "Not logged in · Please run /login")
+    assert clients_gateway.requests() == []
+
+
 def _clean_home(tmp_path: Path, case: Case, gateway_key: str) -> Path:
     """A HOME with nothing in it but what ``case`` puts in ``~/.claude``."""
     home = tmp_path / "home"
     config = home / ".claude"
     config.mkdir(parents=True)
+    for name, text in case.files.items():
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text(resolve(text, gateway_key))
     if case.settings is not None:
         (config / "settings.json").write_text(json.dumps(resolve(case.settings, gateway_key)))
     if case.login is not None:  # the shape /login writes (file store, used where no keychain is)
@@ -125,6 +147,11 @@ def _clean_home(tmp_path: Path, case: Case, gateway_key: str) -> Path:
                  "subscriptionType": "max"}  # fmt: skip
         (config / ".credentials.json").write_text(json.dumps({"claudeAiOauth": oauth}))
     return home
+
+
+def _environment(settings: dict[str, str]) -> dict[str, str]:
+    """``settings`` and enough of ours to run a program; nothing else (no key of the developer's)."""
+    return {name: os.environ[name] for name in _INHERITED if name in os.environ} | settings
 
 
 def _run(command: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
