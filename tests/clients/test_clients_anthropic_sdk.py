@@ -9,6 +9,7 @@ and that the SDK parsed the reply.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import anthropic
 import pytest
@@ -72,7 +73,7 @@ CALLS = [  # (the call, which checks the parsed reply; the path the upstream mus
 ]
 
 
-def sdk(base_url: str, arguments: Mapping[str, str]) -> anthropic.Anthropic:
+def sdk(base_url: str, arguments: Mapping[str, Any]) -> anthropic.Anthropic:
     """A client that fails at once instead of retrying, so a test sees the first answer."""
     return anthropic.Anthropic(base_url=base_url, max_retries=0, timeout=15.0, **arguments)
 

@@ -72,7 +72,7 @@ CALLS = [  # (the call, which checks the parsed reply; the path the upstream mus
 ]
 
 
-def sdk(base_url: str, arguments: Mapping[str, str]) -> openai.OpenAI:
+def sdk(base_url: str, arguments: Mapping[str, Any]) -> openai.OpenAI:
     """A client that fails at once instead of retrying, so a test sees the first answer."""
     return openai.OpenAI(base_url=base_url, max_retries=0, timeout=15.0, **arguments)
 

@@ -50,7 +50,7 @@ class Population:
     """How one kind of user sets up an SDK, and which credentials the provider must then see."""
 
     prefix: str  # the route in the client's base URL, e.g. "/anthropic"
-    arguments: Mapping[str, str]  # the client's credential arguments (``GK``: the gateway key)
+    arguments: Mapping[str, Any]  # the client's credential arguments (``GK``: the gateway key)
     expected: Expected  # every credential header upstream, by name, in order
 
 
@@ -112,8 +112,11 @@ class ClientsGateway:
         return self
 
     def _routes(self, keys_file: Path) -> list[dict[str, Any]]:
-        anthropic = {"header": "x-api-key", "client_credentials": ["authorization", "x-api-key"]}
-        openai = {"header": "authorization", "format": "Bearer {secret}",
+        anthropic: dict[str, Any] = {
+            "header": "x-api-key",
+            "client_credentials": ["authorization", "x-api-key"],
+        }
+        openai: dict[str, Any] = {"header": "authorization", "format": "Bearer {secret}",
                   "client_credentials": ["authorization"], "error_style": "openai"}  # fmt: skip
         anthropic_url, openai_url = self.anthropic.url(), self.openai.url() + "/v1"
         strict = {"keys_file": str(keys_file), "for_client_credentials": True}
