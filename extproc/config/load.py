@@ -13,15 +13,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extproc.config import model
+from extproc.config.model import KEY_PREFIX
 from extproc.config.sections import ConfigError, Problems, Section, field_name
 from extproc.config.yamlsource import Document, YamlSyntaxError, load
 
+_PLACEHOLDER = re.compile(r"^[!-+\--~]{1,200}$")  # visible ASCII without ','
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # RFC 9110 token, lower case, and no underscores: Envoy rejects those names at the edge.
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^`|~-]+$")
 _HEADER_HINT = "expected a lower-case header name, no '_', not one Envoy manages"
 # Headers Envoy owns or treats specially: a credential there would be dropped or rewritten.
+# A prefix is whole path segments of unreserved characters, so it is also a safe regex.
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)*/?$")
 _FORBIDDEN_HEADERS = {
     "host", "content-length", "transfer-encoding", "connection", "te", "keep-alive", "upgrade",
     "proxy-connection", "x-forwarded-for", "x-forwarded-proto", "x-request-id",
@@ -53,10 +57,14 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     """Validate a parsed document; file paths are resolved against ``base``."""
     problems = Problems(doc)
     top = Section(
-        problems, (), doc.data, ["listener", "admin", "extproc", "metrics", "access", "routes"]
+        problems,
+        (),
+        doc.data,
+        ["listener", "admin", "extproc", "metrics", "access", "placeholders", "routes"],
     )
     parser = _Parser(problems, base)
     parser.default_access = parser.access(top.section("access", _ACCESS))
+    parser.default_placeholders = parser.placeholders(top) or ()
     listener = parser.listener(top.section("listener", _LISTENER, required=True))
     admin = parser.endpoint(top.section("admin", ["address", "port"]), "127.0.0.1", 9901)
     extproc = parser.extproc(top.section("extproc", _EXTPROC))
@@ -69,7 +77,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     _check_unique(problems, top, routes)
     if listener and listener.require_access and not model.is_loopback(listener.address):
         for index, route in enumerate(routes):
-            if route and route.credential and route.access is None:
+            if route and route.spends_server_key and route.access is None:
                 problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
     tcp_extproc = extproc if extproc and not extproc.socket else None
     _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
@@ -97,7 +105,7 @@ _ROUTE = [
     "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
     "timeout_s", "connect_timeout_s", "retries",
 ]  # fmt: skip
-_CREDENTIAL = ["header", "format", "secret", "client_credentials"]
+_CREDENTIAL = ["header", "format", "secret", "client_credentials", "mode", "placeholders"]
 _ACCESS = ["keys_file", "header", "for_client_credentials"]
 _OPEN_RELAY = (
     "route {route} spends the server key for anyone who reaches the listener: "
@@ -112,6 +120,7 @@ class _Parser:
         self.problems = problems
         self.base = base
         self.default_access: model.AccessControl | None = None
+        self.default_placeholders: tuple[str, ...] = ()
 
     def access(self, s: Section | None) -> model.AccessControl | None:
         if s is None or not s.ok:
@@ -202,16 +211,20 @@ class _Parser:
         if name and not _NAME.match(name):
             s.error("name", "use letters, digits, '.', '_' and '-' (at most 63)")
             name = None
-        if prefix and not (prefix.startswith("/") and prefix.endswith("/")):
-            s.error("prefix", "must start and end with '/' (e.g. /anthropic/)")
+        if prefix and not _PREFIX.match(prefix):
+            s.error(
+                "prefix", "expected path segments of letters, digits, . _ ~ - (e.g. /anthropic)"
+            )
             prefix = None
+        prefix = prefix and prefix.rstrip("/") + "/"
         upstream = self.upstream(s)
         ca_file = self._path(s, "ca_file")
         if ca_file and upstream and not upstream.tls:
             s.error("ca_file", "only applies to an https upstream")
         credential = self.credential(s.section("credential", _CREDENTIAL))
         access = self.route_access(s)
-        if credential and access and access.header in credential.client_credentials:
+        slots = credential.slots if credential else model.STANDARD_SLOTS
+        if access and access.header in slots:
             s.error("access", f"header {access.header!r} is also a client credential header")
             access = None
         values = {
@@ -227,9 +240,7 @@ class _Parser:
         ):
             return None
         assert name and prefix and upstream
-        return model.Route(
-            name, prefix, upstream, credential, access if credential else None, ca_file, **values
-        )
+        return model.Route(name, prefix, upstream, credential, access, ca_file, **values)
 
     def upstream(self, s: Section) -> model.Upstream | None:
         url = s.text("upstream")
@@ -264,7 +275,14 @@ class _Parser:
         if fmt and (fmt.count("{secret}") != 1 or fmt.replace("{secret}", "").count("{")):
             s.error("format", "must contain {secret} exactly once and no other braces")
             fmt = None
-        secret = self.secret(s.section("secret", ["env", "file", "optional"], required=True))
+        mode = s.choice("mode", model.CredentialMode, model.CredentialMode.PREFER_CLIENT)
+        secret = self.secret(s.section("secret", ["env", "file", "optional"]))
+        if mode is model.CredentialMode.CLIENT_ONLY and s.has("secret"):
+            s.error("secret", "a client_only route never uses a server key: remove the secret")
+            mode = None
+        elif mode and mode.uses_server and not s.has("secret"):
+            s.error(None, f"missing required field 'secret' (mode {mode.value} needs a server key)")
+            mode = None
         clients = self.client_credentials(s)
         if header and clients is not None and header not in clients:
             s.error(
@@ -272,9 +290,28 @@ class _Parser:
                 f"must include {header!r}, or a client's own would be overwritten",
             )
             clients = None
-        if header and fmt and secret and clients:
-            return model.Credential(header, fmt, secret, clients)
+        placeholders = self.placeholders(s)
+        if placeholders is None:
+            placeholders = None if s.has("placeholders") else self.default_placeholders
+        usable = secret is not None or (mode is not None and not mode.uses_server)
+        if header and fmt and clients and mode and placeholders is not None and usable:
+            return model.Credential(header, fmt, secret, clients, mode, placeholders)
         return None
+
+    def placeholders(self, s: Section) -> tuple[str, ...] | None:
+        """Values that count as no credential; None if absent or invalid."""
+        if not s.has("placeholders"):
+            return None
+        values: list[str] = []
+        for path, item in s.items("placeholders"):
+            if not isinstance(item, str) or not _PLACEHOLDER.match(item):
+                self.problems.add(path, "expected a value of visible ASCII characters, no ','")
+                return None
+            if item.startswith(KEY_PREFIX):
+                self.problems.add(path, f"values starting with {KEY_PREFIX!r} are gateway keys")
+                return None
+            values.append(item)
+        return tuple(dict.fromkeys(values))
 
     def client_credentials(self, s: Section) -> tuple[str, ...] | None:
         if not s.has("client_credentials"):

@@ -16,6 +16,10 @@ from enum import Enum
 from pathlib import Path
 
 DEFAULT_CLIENT_CREDENTIALS = ("authorization", "x-api-key")
+# Every gateway key starts with this, so Envoy tells one from a provider credential by itself.
+KEY_PREFIX = "gk-"
+# Where clients put a credential whatever the route says: a gateway key may arrive in either.
+STANDARD_SLOTS = ("authorization", "x-api-key")
 # The dynamic-metadata namespace the processor writes and the rendered access log reads.
 METADATA_NAMESPACE = "credential_gateway"
 
@@ -32,6 +36,24 @@ class ServerKind(Enum):
 
     LEAN = "lean"  # extproc.server.h2server: a few tens of µs per request
     GRPCIO = "grpcio"  # the official runtime: the reference, several times the CPU
+
+
+class CredentialMode(Enum):
+    """Whose credential a route's upstream gets."""
+
+    PREFER_CLIENT = "prefer_client"  # the client's own if it sent one, else the server's
+    REPLACE_CLIENT = "replace_client"  # always the server's; client credentials are removed
+    REJECT_CLIENT = "reject_client"  # always the server's; a client credential gets 401
+    CLIENT_ONLY = "client_only"  # never the server's; no client credential gets 401
+
+    @property
+    def uses_server(self) -> bool:
+        return self is not CredentialMode.CLIENT_ONLY
+
+    @property
+    def client_passes(self) -> bool:
+        """A client's own credential goes upstream unchanged (so Envoy may skip the processor)."""
+        return self in (CredentialMode.PREFER_CLIENT, CredentialMode.CLIENT_ONLY)
 
 
 class ErrorStyle(Enum):
@@ -102,8 +124,15 @@ class SecretRef:
 class Credential:
     header: str
     format: str
-    secret: SecretRef
+    secret: SecretRef | None  # None only for ``client_only``
     client_credentials: tuple[str, ...] = DEFAULT_CLIENT_CREDENTIALS
+    mode: CredentialMode = CredentialMode.PREFER_CLIENT
+    placeholders: tuple[str, ...] = ()  # values that count as blank (``dummy``, ``EMPTY``)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """Every header a client credential or a gateway key may arrive in."""
+        return tuple(dict.fromkeys((*self.client_credentials, *STANDARD_SLOTS)))
 
 
 @dataclass(frozen=True)
@@ -135,7 +164,7 @@ class Upstream:
 @dataclass(frozen=True)
 class Route:
     name: str
-    prefix: str
+    prefix: str  # ends in "/"; "/anthropic/" matches /anthropic and /anthropic/…, not /anthropicx
     upstream: Upstream
     credential: Credential | None = None
     access: AccessControl | None = None
@@ -146,6 +175,10 @@ class Route:
     retries: int = 2
 
     @property
+    def spends_server_key(self) -> bool:
+        return self.credential is not None and self.credential.mode.uses_server
+
+    @property
     def envoy_name(self) -> str:
         """The route's name in Envoy: the YAML name plus a digest of where its key may go.
 
@@ -154,7 +187,8 @@ class Route:
         by the old Envoy config still gets the old config's key, never the new one.
         """
         key = self.credential
-        where = key and (key.header, key.format, key.secret.env, key.secret.file)
+        secret = key and key.secret
+        where = key and (key.header, key.format, secret and (secret.env, secret.file))
         identity = repr((self.upstream, self.ca_file, where))
         return f"{self.name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
@@ -180,7 +214,7 @@ class GatewayConfig:
         """Credential routes anyone who reaches a non-loopback listener could spend."""
         if is_loopback(self.listener.address):
             return []
-        return [r for r in self.routes if r.credential and r.access is None]
+        return [r for r in self.routes if r.spends_server_key and r.access is None]
 
 
 def is_loopback(address: str) -> bool:

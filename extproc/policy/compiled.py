@@ -1,9 +1,12 @@
-"""The runtime policy: config + secrets compiled into ready-to-send answers.
+"""The runtime policy: config + secrets + keys compiled into ready-to-send answers.
 
-Everything that can be computed once per config load is computed here: the
-decision rule per route and the serialised ext_proc answer for each outcome,
-so the per-request path only looks things up. A ``Policy`` is immutable; a
-reload builds a new one and swaps the reference (see ``PolicyHolder``).
+What can be computed once per config load is computed here: the decision rule
+per route and the serialised ext_proc answer bodies, so the per-request path
+only looks things up and appends the client's name. Nothing is kept per
+gateway client: a keys file is read once however many routes name it, looked
+up by digest, and a change to it alone reuses every route's answers. A
+``Policy`` is immutable; a reload builds a new one and swaps the reference
+(see ``PolicyHolder``).
 """
 
 from __future__ import annotations
@@ -12,34 +15,66 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
-
-from extproc.config.model import AccessControl, GatewayConfig, Route
+from extproc.config.model import DEFAULT_CLIENT_CREDENTIALS, CredentialMode, GatewayConfig, Route
 from extproc.config.sections import ConfigError
 from extproc.policy import responses
-from extproc.policy.access import GatewayKeys, KeysFileError, read_keys
+from extproc.policy.access import GatewayKeys, KeysFileError, KeyTable, read_keys
 from extproc.policy.decision import Outcome, RouteRule
 from extproc.policy.secrets import Secret, SecretError, read_secret
 
-AnswerKey = tuple[Outcome, str]  # (outcome, gateway key client name or "")
+
+class RouteAnswers:
+    """One route's answer bodies by (outcome, headers removed), and its metadata fields.
+
+    Bodies that remove headers are built on first use; there are at most a few
+    (one per set of credential headers), never one per client.
+    """
+
+    def __init__(self, route: Route, value: Secret | None) -> None:
+        self._route = route
+        self._value = value  # the formatted credential, e.g. "Bearer <key>"; None: no secret
+        self._fields = {o: responses.metadata_fields(route.name, o) for o in Outcome}
+        self._bodies: dict[tuple[Outcome, tuple[str, ...]], bytes] = {}
+        for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY, Outcome.DENIED):
+            self.body(outcome, ())
+        self.body(Outcome.INJECTED if value else Outcome.REJECTED, ())
+
+    def answer(self, outcome: Outcome, remove: tuple[str, ...], client: str) -> bytes:
+        body = self._bodies.get((outcome, remove)) or self.body(outcome, remove)
+        return responses.with_metadata(body, self._fields[outcome], client)
+
+    def body(self, outcome: Outcome, remove: tuple[str, ...]) -> bytes:
+        built = self._build(outcome, remove)
+        self._bodies[(outcome, remove)] = built
+        return built
+
+    @property
+    def count(self) -> int:
+        return len(self._bodies)
+
+    def _build(self, outcome: Outcome, remove: tuple[str, ...]) -> bytes:
+        credential = self._route.credential
+        if outcome in (Outcome.INJECTED, Outcome.REPLACED):
+            assert credential is not None and self._value is not None
+            return responses.mutate(credential.header, self._value.reveal(), remove)
+        if outcome in (Outcome.REJECTED, Outcome.REFUSED, Outcome.DENIED):
+            message = _rejection_message(self._route, outcome)
+            return responses.reject(outcome, self._route.error_style, message)
+        return responses.mutate(None, b"", remove) if remove else responses.pass_through()
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
     name: str
     rule: RouteRule
-    answers: Mapping[AnswerKey, bytes] = field(repr=False)  # serialised; they hold the secret
-    header_value: Secret | None  # the formatted credential, e.g. "Bearer <key>"
+    answers: RouteAnswers = field(repr=False)  # they hold the secret
+    identity: bytes = field(repr=False, default=b"")  # what the answers were built from
 
-    def inject_removing(self, remove: tuple[str, ...], client: str) -> bytes:
-        """The rare injection that also drops blank client headers; built per request."""
-        assert self.header_value is not None
-        value = self.header_value.reveal()
-        answer = responses.inject(self.name, self.rule.header, value, remove, client)
-        serialised: bytes = answer.SerializeToString()
-        return serialised
+    def answer(self, outcome: Outcome, remove: tuple[str, ...], client: str) -> bytes:
+        return self.answers.answer(outcome, remove, client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,92 +82,132 @@ class Policy:
     routes: Mapping[str, CompiledRoute]  # by Envoy route name
     version: str  # short hash of the config, secrets and keys files, for metrics/logs
     missing_optional: tuple[str, ...] = ()  # routes whose optional secret is absent
+    keys: Mapping[Path, KeyTable] = field(default_factory=dict, repr=False)  # by keys file
 
 
-def compile_policy(config: GatewayConfig, environ: Mapping[str, str] = os.environ) -> Policy:
+def compile_policy(
+    config: GatewayConfig, environ: Mapping[str, str] = os.environ, previous: Policy | None = None
+) -> Policy:
     """Read every route's secret and keys file and prebuild its answers.
 
-    Raises ConfigError listing every secret or keys file that cannot be used.
+    Answers are reused from ``previous`` for every route whose settings and
+    secret did not change, and a keys file whose bytes did not change is not
+    parsed again. Raises ConfigError listing every secret or keys file that
+    cannot be used.
     """
     problems: list[str] = []
     compiled: dict[str, CompiledRoute] = {}
     missing: list[str] = []
+    tables: dict[Path, KeyTable] = {}
+    old_tables = previous.keys if previous else {}
     for route in config.routes:
-        if route.credential is None:
-            continue
         try:
-            secret = read_secret(route.credential.secret, environ)
-            keys = _read_keys(route.access)
+            secret = _read_secret(route, environ)
+            keys = _keys(route, tables, old_tables)
         except SecretError as exc:
+            assert route.credential and route.credential.secret
             problems.append(f"{route.credential.secret.origin}: {exc}")
             continue
         except KeysFileError as exc:
             problems.append(f"{route.access.origin if route.access else ''}: {exc}")
             continue
-        if secret is None:
+        if secret is None and route.spends_server_key:
             missing.append(route.name)
-        compiled[route.envoy_name] = _compile_route(route, secret, keys)
+        old = previous.routes.get(route.envoy_name) if previous else None
+        compiled[route.envoy_name] = _compile_route(route, secret, keys, old)
     if problems:
         raise ConfigError(problems)
-    return Policy(MappingProxyType(compiled), _version(config, compiled), tuple(missing))
+    version = _version(config, compiled, tables)
+    return Policy(MappingProxyType(compiled), version, tuple(missing), MappingProxyType(tables))
 
 
-def _read_keys(access: AccessControl | None) -> GatewayKeys | None:
+def _read_secret(route: Route, environ: Mapping[str, str]) -> Secret | None:
+    if route.credential is None or route.credential.secret is None:
+        return None
+    return read_secret(route.credential.secret, environ)
+
+
+def _keys(
+    route: Route, tables: dict[Path, KeyTable], old: Mapping[Path, KeyTable]
+) -> GatewayKeys | None:
+    """The route's gateway keys; each keys file is read once per compile."""
+    access = route.access
     if access is None:
         return None
-    entries = read_keys(access.keys_file)
-    return GatewayKeys(access.header, entries, access.for_client_credentials)
+    table = tables.get(access.keys_file)
+    if table is None:
+        table = tables[access.keys_file] = read_keys(access.keys_file, old.get(access.keys_file))
+    return GatewayKeys(access.header, table, access.for_client_credentials)
 
 
-def _compile_route(route: Route, secret: Secret | None, keys: GatewayKeys | None) -> CompiledRoute:
+def _compile_route(
+    route: Route, secret: Secret | None, keys: GatewayKeys | None, old: CompiledRoute | None
+) -> CompiledRoute:
     credential = route.credential
-    assert credential is not None
-    rule = RouteRule(
-        credential.header, frozenset(credential.client_credentials), secret is not None, keys
-    )
     value = None
-    if secret is not None:
+    if credential is not None and secret is not None:
         before, after = credential.format.split("{secret}")
         value = Secret(before.encode() + secret.reveal() + after.encode())
-    answers: dict[AnswerKey, ext_proc.ProcessingResponse] = {}
-    for client in ("", *(keys.names if keys else ())):
-        for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY):
-            answers[(outcome, client)] = responses.pass_through(route.name, outcome, client)
-        if value is None:
-            answers[(Outcome.REJECTED, client)] = _rejection(route, Outcome.REJECTED, client)
-        else:
-            answers[(Outcome.INJECTED, client)] = responses.inject(
-                route.name, credential.header, value.reveal(), client=client
-            )
-    if keys is not None:
-        answers[(Outcome.DENIED, "")] = _rejection(route, Outcome.DENIED, "")
-    serialised = {key: answer.SerializeToString() for key, answer in answers.items()}
-    return CompiledRoute(route.name, rule, MappingProxyType(serialised), value)
+    identity = _identity(route, value)
+    answers = old.answers if old and old.identity == identity else RouteAnswers(route, value)
+    return CompiledRoute(route.name, _rule(route, value is not None, keys), answers, identity)
 
 
-def _rejection(route: Route, outcome: Outcome, client: str) -> ext_proc.ProcessingResponse:
-    """The 401 for ``outcome``, telling the client what to send."""
-    assert route.credential is not None
+def _rule(route: Route, has_secret: bool, keys: GatewayKeys | None) -> RouteRule:
+    credential = route.credential
+    if credential is None:
+        clients = frozenset(DEFAULT_CLIENT_CREDENTIALS)  # for the label when the client pays
+        return RouteRule("", clients, False, keys, forward_only=True)
+    return RouteRule(
+        credential.header,
+        frozenset(credential.client_credentials),
+        has_secret,
+        keys,
+        credential.mode,
+        frozenset(p.encode() for p in credential.placeholders),
+    )
+
+
+def _identity(route: Route, value: Secret | None) -> bytes:
+    """What a route's answers depend on; the secret only as a digest."""
+    access = route.access and route.access.header
+    settings = repr((route.name, route.credential, route.error_style, access))
+    digest = hashlib.sha256(settings.encode() + b"\0")
+    digest.update(hashlib.sha256(value.reveal()).digest() if value else b"-")
+    return digest.digest()
+
+
+def _rejection_message(route: Route, outcome: Outcome) -> str:
+    """The 401's text for ``outcome``, telling the client what to send."""
+    credential = route.credential
+    hint = " or ".join(credential.client_credentials if credential else ())
     if outcome is Outcome.DENIED:
-        assert route.access is not None
-        message = f"Missing or invalid gateway key: send yours in the {route.access.header} header."
-    else:
-        hint = " or ".join(route.credential.client_credentials)
-        message = (
-            f"No credential: this gateway has no server key for route '{route.name}'. "
-            f"Send your own ({hint})."
+        if route.access is None:
+            return f"Gateway keys are not accepted on route '{route.name}'."
+        return (
+            "Missing or invalid gateway key: send yours as x-api-key, as "
+            f"'Authorization: Bearer <key>' or in the {route.access.header} header."
         )
-    return responses.reject(route.name, outcome, route.error_style, message, client)
+    if outcome is Outcome.REFUSED:
+        return (
+            f"Route '{route.name}' uses the organisation's key: send no credential of your own "
+            f"({hint}), only your gateway key if you have one."
+        )
+    if credential is not None and credential.mode is CredentialMode.CLIENT_ONLY:
+        return f"Route '{route.name}' takes only your own credential: send it ({hint})."
+    return (
+        f"No credential: this gateway has no server key for route '{route.name}'. "
+        f"Send your own ({hint})."
+    )
 
 
-def _version(config: GatewayConfig, routes: Mapping[str, CompiledRoute]) -> str:
+def _version(
+    config: GatewayConfig, routes: Mapping[str, CompiledRoute], tables: Mapping[Path, KeyTable]
+) -> str:
     """Changes when the config, a secret or a keys file changes; reveals nothing about them."""
     digest = hashlib.sha256(config.source_digest.encode())
     for name in sorted(routes):
-        route = routes[name]
-        digest.update(name.encode() + b"\0")
-        value = route.header_value
-        digest.update(hashlib.sha256(value.reveal()).digest() if value else b"-")
-        for entry, client in route.rule.keys.entries if route.rule.keys else ():
-            digest.update(entry + client.encode())
+        digest.update(name.encode() + b"\0" + routes[name].identity)
+    for path in sorted(tables):
+        digest.update(str(path).encode() + b"\0" + tables[path].digest)
     return digest.hexdigest()[:12]

@@ -3,14 +3,21 @@
 Nothing here knows about gRPC or protobuf, so the whole rule set is tested as
 a table. The rule:
 
-1. If the route has gateway keys, a request that would spend the server's
-   credential must present a valid one (and so must every request when the
-   route demands keys for client credentials too); otherwise it is DENIED.
-2. If the client sent any of the route's client credential headers with a
-   non-blank value, nothing changes: the client pays.
-3. Otherwise the server credential is injected and blank credential headers
-   the client sent are dropped, so the upstream never sees an empty credential
-   beside the injected one; if the server has no credential, REJECTED.
+1. A value that starts with the gateway-key prefix (``gk-``, also as
+   ``Authorization: Bearer gk-…``) in any credential slot is a gateway key and
+   never goes upstream: a valid one names the client and is removed; any
+   other is DENIED (401), so a mistyped key is never sent to a provider. The
+   access header (which Envoy strips on every route) is checked when a key is
+   needed or one is presented in a slot too; all presented must be one key.
+2. A non-blank value in one of the route's client credential headers that is
+   not a placeholder is the client's own credential. What happens to it is the
+   route's mode: it passes (``prefer_client``, ``client_only``), is replaced
+   by the server's (``replace_client``) or is REFUSED (``reject_client``).
+3. Spending the server's credential needs a valid gateway key where the route
+   has keys (a client's own credential needs one only with
+   ``for_client_credentials``); otherwise DENIED. Injecting drops the blank
+   and placeholder credential headers, so the upstream sees only the server's;
+   with no server credential the request is REJECTED (401).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
+from extproc.config.model import KEY_PREFIX, STANDARD_SLOTS, CredentialMode
 from extproc.policy.access import GatewayKeys
 
 
@@ -29,14 +37,17 @@ class Outcome(Enum):
     CLIENT_AUTHORIZATION = "client_authorization"
     CLIENT_API_KEY = "client_api_key"
     INJECTED = "injected"
-    REJECTED = "rejected"  # no client credential and no server credential configured
-    DENIED = "denied"  # gateway key missing or invalid
+    REPLACED = "replaced"  # the client's credential was removed and the server's injected
+    FORWARDED = "forwarded"  # a route without a server credential, and no client credential
+    REJECTED = "rejected"  # a credential was needed and none could be used: 401
+    REFUSED = "refused"  # the route takes only the server's credential, the client sent one: 401
+    DENIED = "denied"  # gateway key missing or invalid: 401
     UNKNOWN_ROUTE = "unknown_route"  # Envoy named a route the processor does not know: 503
 
     @property
     def credential_source(self) -> str:
         """Who pays: ``client``, ``injected`` or ``none`` (for the access log)."""
-        if self is Outcome.INJECTED:
+        if self in (Outcome.INJECTED, Outcome.REPLACED):
             return "injected"
         return "client" if self.value.startswith("client") else "none"
 
@@ -44,12 +55,22 @@ class Outcome(Enum):
 # An Authorization value that is only a scheme ("Bearer " from an empty token variable)
 # carries no credential: it counts as blank.
 _BARE_SCHEMES = frozenset({b"bearer", b"basic"})
+_KEY_PREFIX = KEY_PREFIX.encode()
+
+
+def token_of(name: str, value: bytes) -> bytes:
+    """The credential in a header value: for Authorization, what follows the scheme."""
+    stripped = value.strip()
+    if name == "authorization":
+        scheme, _, rest = stripped.partition(b" ")
+        if rest or scheme.lower() in _BARE_SCHEMES:
+            return rest.strip()
+    return stripped
 
 
 def is_blank(name: str, value: bytes) -> bool:
     """True for a credential header that carries nothing usable."""
-    stripped = value.strip()
-    return not stripped or (name == "authorization" and stripped.lower() in _BARE_SCHEMES)
+    return not token_of(name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +79,64 @@ class RouteRule:
 
     header: str  # the header the server credential goes into
     client_credentials: frozenset[str]  # lower-case names; a non-blank one means "client pays"
-    has_secret: (
-        bool  # False: an optional secret is missing, so credential-less requests are rejected
-    )
+    has_secret: bool  # False: no server credential (optional and missing, or client_only)
     keys: GatewayKeys | None = None
+    mode: CredentialMode = CredentialMode.PREFER_CLIENT
+    placeholders: frozenset[bytes] = frozenset()  # tokens that count as blank
+    forward_only: bool = False  # a route with no credential section: only gateway keys matter
+
+    @property
+    def slots(self) -> frozenset[str]:
+        """Where a gateway key may arrive: the credential headers, the standard ones, ``header``."""
+        keys = (self.keys.header,) if self.keys else ()
+        return self.client_credentials.union(STANDARD_SLOTS, keys)
 
 
 class Decision(NamedTuple):  # a tuple: cheap to build once per request
     outcome: Outcome
-    remove: tuple[str, ...] = ()  # blank client credential headers to drop when injecting
+    remove: tuple[str, ...] = ()  # headers to drop: gateway keys, blank or replaced credentials
     client: str = ""  # the gateway key's client name, when one was presented and valid
+
+
+class _Seen(NamedTuple):
+    paying: Outcome | None  # the client's own credential, by the header it came in
+    blank: list[str]  # credential headers with nothing usable (blank or placeholder)
+    filled: list[str]  # credential headers with the client's own credential
+    keyed: list[str]  # headers that carried a gateway key
+    presented: set[bytes]  # the distinct gateway keys presented
+
+
+def _scan(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> _Seen:
+    seen = _Seen(None, [], [], [], set())
+    paying = None
+    key_header = rule.keys.header if rule.keys else None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in STANDARD_SLOTS or lower in rule.client_credentials or lower == key_header:
+            token = token_of(lower, value)
+            if lower == key_header:  # Envoy strips this header on every route
+                seen.presented.add(token)
+            elif token.startswith(_KEY_PREFIX):
+                _add(seen.keyed, lower)
+                seen.presented.add(token)
+            elif lower not in rule.client_credentials:
+                continue
+            elif not token or token in rule.placeholders:
+                _add(seen.blank, lower)
+            else:
+                _add(seen.filled, lower)
+                if paying is None:
+                    paying = (
+                        Outcome.CLIENT_AUTHORIZATION
+                        if lower == "authorization"
+                        else Outcome.CLIENT_API_KEY
+                    )
+    return seen._replace(paying=paying)
+
+
+def _add(names: list[str], name: str) -> None:
+    if name not in names:
+        names.append(name)
 
 
 def decide(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> Decision:
@@ -75,35 +144,45 @@ def decide(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> Decision:
 
     Names are compared case-insensitively; values are bytes, so non-UTF-8
     bytes anywhere never matter. Repeated credential headers count as filled if
-    any copy is filled; a repeated gateway key header is never valid.
+    any copy is filled; gateway keys presented more than once must all be the
+    same key.
     """
-    wanted = rule.client_credentials
-    key_header = rule.keys.header if rule.keys else None
-    paying: Outcome | None = None
-    blank: list[str] = []
-    presented: list[bytes] = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower == key_header:
-            presented.append(value)
-        elif lower in wanted:
-            if not is_blank(lower, value):
-                if paying is None:
-                    paying = (
-                        Outcome.CLIENT_AUTHORIZATION
-                        if lower == "authorization"
-                        else Outcome.CLIENT_API_KEY
-                    )
-            elif lower != rule.header and lower not in blank:
-                blank.append(lower)
+    seen = _scan(rule, headers)
     client = ""
-    if rule.keys is not None and (paying is None or rule.keys.for_client_credentials):
-        found = rule.keys.identify(presented[0] if len(presented) == 1 else None)
+    # A gateway key in a credential slot is always checked: it must not pass on as a
+    # credential. One in the access header only when needed (Envoy strips that header).
+    if seen.keyed or _needs_key(rule, seen.paying is not None):
+        found = _identify(rule.keys, seen.presented)
         if found is None:
             return Decision(Outcome.DENIED)
         client = found
-    if paying is not None:
-        return Decision(paying, client=client)
+    if seen.paying is not None and rule.mode.client_passes:
+        return Decision(seen.paying, _sorted(seen.keyed, rule.header, inject=False), client)
+    if seen.paying is not None and rule.mode is CredentialMode.REJECT_CLIENT:
+        return Decision(Outcome.REFUSED, client=client)
+    if rule.forward_only:
+        return Decision(Outcome.FORWARDED, _sorted(seen.keyed, rule.header, inject=False), client)
     if not rule.has_secret:
         return Decision(Outcome.REJECTED, client=client)
-    return Decision(Outcome.INJECTED, tuple(sorted(blank)), client)
+    outcome = Outcome.INJECTED if seen.paying is None else Outcome.REPLACED
+    dropped = seen.keyed + seen.blank + seen.filled
+    return Decision(outcome, _sorted(dropped, rule.header, inject=True), client)
+
+
+def _needs_key(rule: RouteRule, paying: bool) -> bool:
+    """Whether this request must show a valid gateway key to go on."""
+    if rule.keys is None or rule.forward_only:
+        return False
+    spends_ours = not paying or not rule.mode.client_passes
+    return spends_ours or rule.keys.for_client_credentials
+
+
+def _identify(keys: GatewayKeys | None, presented: set[bytes]) -> str | None:
+    if keys is None or len(presented) != 1:
+        return None
+    return keys.identify(next(iter(presented)))
+
+
+def _sorted(names: list[str], header: str, inject: bool) -> tuple[str, ...]:
+    """The headers to remove; the injected header is overwritten, not removed."""
+    return tuple(sorted({n for n in names if not (inject and n == header)}))

@@ -18,7 +18,7 @@ from extproc.policy.responses import PHASE_REPLIES
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 ROUTE_ATTRIBUTE = "xds.route_name"
-_UNKNOWN_ROUTE = responses.unknown_route().SerializeToString()
+_UNKNOWN_ROUTE = responses.unknown_route()
 _NO_ROUTE = ext_proc.ProcessingResponse(
     request_headers=ext_proc.HeadersResponse()
 ).SerializeToString()
@@ -51,8 +51,5 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
         return Answer(_UNKNOWN_ROUTE, route_name, Outcome.UNKNOWN_ROUTE)
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
-    if decision.remove:
-        payload = route.inject_removing(decision.remove, decision.client)
-    else:
-        payload = route.answers[(decision.outcome, decision.client)]
+    payload = route.answer(decision.outcome, decision.remove, decision.client)
     return Answer(payload, route.name, decision.outcome, decision.client)

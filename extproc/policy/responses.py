@@ -3,7 +3,7 @@
 Header values go in ``raw_value`` only: Envoy sends values there and takes
 them from there; a ``value``-only mutation arrives upstream empty and setting
 both is an error. Every answer carries dynamic metadata (route, credential
-source) for the access log.
+source, outcome, client) for the access log, appended per request.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from types import MappingProxyType
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from extproc.config.model import METADATA_NAMESPACE, ErrorStyle
 from extproc.policy.decision import Outcome
@@ -22,64 +21,91 @@ from extproc.policy.decision import Outcome
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def _metadata(route: str, outcome: Outcome, client: str) -> struct_pb2.Struct:
-    """What the access log shows: the route, who paid, and the gateway key's client name."""
-    fields = {
-        "route": route,
-        "credential_source": outcome.credential_source,
-        "outcome": outcome.value,
-    }
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _entry(key: str, value: str) -> bytes:
+    """One ``Struct.fields`` map entry holding a string ``Value``."""
+    return _field(1, _field(1, key.encode()) + _field(2, _field(3, value.encode())))
+
+
+_NAMESPACE_KEY = _field(1, METADATA_NAMESPACE.encode())
+_DYNAMIC_METADATA = ext_proc.ProcessingResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number
+
+
+def metadata_fields(route: str, outcome: Outcome) -> bytes:
+    """The access log's fields for ``route`` and ``outcome``, encoded once per config."""
+    return (
+        _entry("route", route)
+        + _entry("credential_source", outcome.credential_source)
+        + _entry("outcome", outcome.value)
+    )
+
+
+def with_metadata(body: bytes, fields: bytes, client: str) -> bytes:
+    """``body`` (a serialised ProcessingResponse) plus its dynamic metadata.
+
+    Serialised protobuf messages merge when concatenated, so the per-route
+    part of an answer is built once and only the client's name, which varies
+    per request, is encoded here: a few short byte joins, nothing per client
+    kept in memory.
+    """
     if client:
-        fields["client"] = client
-    meta = struct_pb2.Struct()
-    meta.update({METADATA_NAMESPACE: fields})
-    return meta
+        fields += _entry("client", client)
+    namespace = _field(1, _NAMESPACE_KEY + _field(2, _field(5, fields)))
+    return body + _field(_DYNAMIC_METADATA, namespace)
 
 
-def pass_through(route: str, outcome: Outcome, client: str = "") -> ext_proc.ProcessingResponse:
+def pass_through() -> bytes:
     """Leave the request exactly as the client sent it."""
-    return ext_proc.ProcessingResponse(
-        request_headers=ext_proc.HeadersResponse(),
-        dynamic_metadata=_metadata(route, outcome, client),
-    )
+    answer = ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
+    serialised: bytes = answer.SerializeToString()
+    return serialised
 
 
-def inject(
-    route: str, header: str, value: bytes, remove: tuple[str, ...] = (), client: str = ""
-) -> ext_proc.ProcessingResponse:
-    """Set ``header`` (replacing every copy) and drop the blank headers in ``remove``."""
-    mutation = ext_proc.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=header, raw_value=value), append_action=_OVERWRITE
-            )
-        ],
-        remove_headers=list(remove),
-    )
-    return ext_proc.ProcessingResponse(
+def mutate(header: str | None, value: bytes, remove: tuple[str, ...] = ()) -> bytes:
+    """Set ``header`` (replacing every copy) unless None, and drop the headers in ``remove``."""
+    set_headers = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=header, raw_value=value), append_action=_OVERWRITE
+        )
+    ] if header else []  # fmt: skip
+    mutation = ext_proc.HeaderMutation(set_headers=set_headers, remove_headers=list(remove))
+    answer = ext_proc.ProcessingResponse(
         request_headers=ext_proc.HeadersResponse(
             response=ext_proc.CommonResponse(header_mutation=mutation)
-        ),
-        dynamic_metadata=_metadata(route, Outcome.INJECTED, client),
+        )
     )
+    serialised: bytes = answer.SerializeToString()
+    return serialised
 
 
-def reject(
-    route: str, outcome: Outcome, style: ErrorStyle, message: str, client: str = ""
-) -> ext_proc.ProcessingResponse:
+def reject(outcome: Outcome, style: ErrorStyle, message: str) -> bytes:
     """A 401 from the gateway itself, in the provider's error shape; no upstream call.
 
     No headers are set here (the mutation rules allow credential headers only);
     Envoy's local-reply config marks 401 bodies as JSON.
     """
-    return ext_proc.ProcessingResponse(
+    answer = ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=http_status_pb2.Unauthorized),
             body=error_body(style, message),
             details=f"credential_gateway_{outcome.value}",
-        ),
-        dynamic_metadata=_metadata(route, outcome, client),
+        )
     )
+    serialised: bytes = answer.SerializeToString()
+    return serialised
 
 
 def error_body(style: ErrorStyle, message: str, kind: str = "authentication_error") -> bytes:
@@ -98,20 +124,20 @@ def error_body(style: ErrorStyle, message: str, kind: str = "authentication_erro
     return json.dumps(body).encode()
 
 
-def unknown_route() -> ext_proc.ProcessingResponse:
+def unknown_route() -> bytes:
     """A route name the policy does not know: fail closed with a retryable 503, no upstream call.
 
     The processor only runs on credential routes, so this means Envoy and the
     processor disagree about the config (e.g. mid-rollout): never guess a key.
     Envoy's local-reply config gives the body its JSON shape.
     """
-    return ext_proc.ProcessingResponse(
+    answer = ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
             details="credential_gateway_unknown_route",
-        ),
-        dynamic_metadata=_metadata("", Outcome.UNKNOWN_ROUTE, ""),
+        )
     )
+    return with_metadata(answer.SerializeToString(), metadata_fields("", Outcome.UNKNOWN_ROUTE), "")
 
 
 # Replies for phases this processor never asks for, should Envoy send one anyway.

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import re
 
-from extproc.config.model import METADATA_NAMESPACE, FailureMode, GatewayConfig
+from extproc.config.model import (
+    METADATA_NAMESPACE,
+    STANDARD_SLOTS,
+    FailureMode,
+    GatewayConfig,
+)
 from extproc.render.common import EXTPROC_CLUSTER, EXTPROC_FILTER, Json, seconds, typed
 
 _EXT_PROC = "envoy.extensions.filters.http.ext_proc.v3."
 
 
 def mutation_rules(config: GatewayConfig) -> Json:
-    """The processor may set or remove only the routes' credential headers; anything else fails.
+    """The processor may set or remove only credential and gateway-key slots; anything else fails.
 
     ``x-envoy-*``, ``host``/``:authority``, ``:path``, ``:scheme`` and ``:method``
     are already out of reach by default; ``disallow_all`` plus an allow-list makes
     every other header out of reach too, and ``disallow_is_error`` turns an
     attempt into a failed request instead of a silently ignored change.
     """
-    names = sorted(
-        {h for r in config.routes if r.credential for h in r.credential.client_credentials}
-    )
+    names = sorted(_slots(config))
     return {
         "disallow_system": True,
         "disallow_all": True,
@@ -33,14 +36,19 @@ def mutation_rules(config: GatewayConfig) -> Json:
     }
 
 
+def _slots(config: GatewayConfig) -> set[str]:
+    """Every header a client credential or a gateway key may arrive in, on any route."""
+    slots = (r.credential.slots if r.credential else STANDARD_SLOTS for r in config.routes)
+    return {header for route_slots in slots for header in route_slots}
+
+
 def forward_rules(config: GatewayConfig) -> Json:
     """Send the processor only the headers it decides on: credentials and gateway keys.
 
     Everything else (cookies, prompts' metadata, user agents) never leaves Envoy,
     and the processor parses a few headers instead of dozens.
     """
-    names = {h for r in config.routes if r.credential for h in r.credential.client_credentials}
-    names |= {r.access.header for r in config.routes if r.access}
+    names = _slots(config) | {r.access.header for r in config.routes if r.access}
     patterns = [{"exact": name, "ignore_case": True} for name in sorted(names)]
     return {"allowed_headers": {"patterns": patterns}}
 

@@ -1,17 +1,27 @@
 """The route table: one Envoy route per YAML route, plus the fast-path and 404 routes.
 
-For a credential route, requests that carry a non-blank client credential are
-matched first by header-matched copies of the route with the processor
-disabled: they pass through at Envoy's own cost. Everything else (no
-credential, blank ones) reaches the processor. Both copies share the YAML
-route's name, the only thing the processor trusts to pick a key.
+For a credential route, requests that carry a client credential of their own
+(non-blank, not a placeholder, and no gateway key anywhere) are matched first
+by header-matched copies of the route with the processor disabled: they pass
+through at Envoy's own cost. Everything else (no credential, blank ones,
+placeholders, gateway keys) reaches the processor. A route without a
+credential asks the processor only when a gateway key must be checked and
+removed. All copies share the YAML route's name, the only thing the processor
+trusts to pick a key.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
-from extproc.config.model import METADATA_NAMESPACE, GatewayConfig, Route
+from extproc.config.model import (
+    KEY_PREFIX,
+    METADATA_NAMESPACE,
+    STANDARD_SLOTS,
+    GatewayConfig,
+    Route,
+)
 from extproc.render import extproc_filter
 from extproc.render.common import Json, cluster_name, seconds
 
@@ -22,51 +32,102 @@ from extproc.render.common import Json, cluster_name, seconds
 # through untouched; anything else still goes to the processor, which decides.
 NON_BLANK = r".*[^\s,].*"
 NON_BLANK_AUTHORIZATION = r"\s*\S+\s+[^\s,].*"
+# Some copy is a gateway key, bare or after a scheme ("Bearer gk-…"): never a provider's.
+GATEWAY_KEY = r"(?:.*,)?\s*(?:\S+\s+)?" + re.escape(KEY_PREFIX) + ".*"
 _RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 
 
+def placeholder_pattern(values: tuple[str, ...]) -> str:
+    """Some copy is one of ``values``, bare or after a scheme ("Bearer dummy")."""
+    alternatives = "|".join(re.escape(v) for v in values)
+    return r"(?:.*,)?\s*(?:\S+\s+)?(?:" + alternatives + r")\s*(?:,.*)?"
+
+
+def _match(route: Route) -> Json:
+    """The prefix as whole segments: ``/anthropic`` and ``/anthropic/…``, not ``/anthropicx``."""
+    segment = route.prefix.rstrip("/")
+    return {"path_separated_prefix": segment} if segment else {"prefix": "/"}
+
+
 def _action(route: Route) -> Json:
+    segment = route.prefix.rstrip("/")
+    rewrite: Json = (
+        {"regex_rewrite": {
+            "pattern": {"regex": "^" + re.escape(segment) + "/?"},
+            "substitution": route.upstream.path,
+        }}
+        if segment
+        else {"prefix_rewrite": route.upstream.path}
+    )  # fmt: skip
     return {
         "cluster": cluster_name(route.envoy_name),
-        "prefix_rewrite": route.upstream.path,
+        **rewrite,
         "host_rewrite_literal": route.upstream.authority,
         "timeout": seconds(route.timeout_s),
         "retry_policy": {"retry_on": _RETRY_ON, "num_retries": route.retries},
     }
 
 
+def _regex(header: str, pattern: str, invert: bool = False) -> Json:
+    matcher: Json = {"name": header, "string_match": {"safe_regex": {"regex": pattern}}}
+    if invert:
+        matcher |= {"invert_match": True, "treat_missing_header_as_empty": True}
+    return matcher
+
+
 def _client_pays(route: Route) -> list[Json]:
-    """Header-matched copies of ``route`` that skip the processor."""
-    assert route.credential is not None
+    """Header-matched copies of ``route`` that skip the processor.
+
+    Each one needs a filled client credential that is neither a placeholder nor
+    a gateway key, and no gateway key in any other slot (the processor must see
+    and remove those).
+    """
+    credential = route.credential
+    assert credential is not None
+    no_keys = [_regex(slot, GATEWAY_KEY, invert=True) for slot in credential.slots]
+    copies = []
+    for header in credential.client_credentials:
+        filled = NON_BLANK_AUTHORIZATION if header == "authorization" else NON_BLANK
+        matchers = [_regex(header, filled)]
+        if credential.placeholders:
+            matchers.append(_regex(header, placeholder_pattern(credential.placeholders), True))
+        copies.append(
+            {
+                "name": route.envoy_name,
+                "match": {**_match(route), "headers": matchers + no_keys},
+                "route": _action(route),
+                "metadata": {
+                    "filter_metadata": {METADATA_NAMESPACE: {"credential_source": "client"}}
+                },
+                "typed_per_filter_config": extproc_filter.disabled_for_route(),
+            }
+        )
+    return copies
+
+
+def _keyed(route: Route) -> list[Json]:
+    """For a route without a credential: requests carrying a gateway key go to the processor."""
     return [
         {
             "name": route.envoy_name,
-            "match": {
-                "prefix": route.prefix,
-                "headers": [{"name": header, "string_match": {"safe_regex": {"regex": pattern}}}],
-            },
+            "match": {**_match(route), "headers": [_regex(slot, GATEWAY_KEY)]},
             "route": _action(route),
-            "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"credential_source": "client"}}},
-            "typed_per_filter_config": extproc_filter.disabled_for_route(),
         }
-        for header in route.credential.client_credentials
-        for pattern in [NON_BLANK_AUTHORIZATION if header == "authorization" else NON_BLANK]
+        for slot in STANDARD_SLOTS
     ]
 
 
 def _routes_for(route: Route, fast_path: bool) -> list[Json]:
-    main: Json = {
-        "name": route.envoy_name,
-        "match": {"prefix": route.prefix},
-        "route": _action(route),
-    }
-    if route.credential is None:
+    main: Json = {"name": route.envoy_name, "match": _match(route), "route": _action(route)}
+    credential = route.credential
+    if credential is None:
         main["typed_per_filter_config"] = extproc_filter.disabled_for_route()
-        return [main]
+        return [*_keyed(route), main]
     # Only the processor checks gateway keys: a route that demands one for client
-    # credentials too must send those requests to it.
+    # credentials too, or that does not pass a client's credential, asks it always.
     strict = route.access is not None and route.access.for_client_credentials
-    return [*(_client_pays(route) if fast_path and not strict else []), main]
+    skip = fast_path and not strict and credential.mode.client_passes
+    return [*(_client_pays(route) if skip else []), main]
 
 
 def _not_found() -> Json:

@@ -71,7 +71,7 @@ class PolicyHolder:
                     problems := _restart_only_changes(self.config, config)
                 ):
                     raise ConfigError(f"{self.config_path.name}: {p}" for p in problems)
-                policy = compile_policy(config, self._environ)
+                policy = compile_policy(config, self._environ, self._delivered)
                 # The processor learns the new route names before Envoy can route by them,
                 # and keeps the names Envoy has now, for requests it routed by them.
                 self._swap(config, policy)
@@ -103,14 +103,15 @@ class PolicyHolder:
             log.warning(
                 "route %s: optional secret not set; credential-less requests get 401", route
             )
-        log.info("config %s loaded: %d credential route(s)", policy.version, len(policy.routes))
+        log.info("config %s loaded: %d route(s)", policy.version, len(policy.routes))
 
     def watched_files(self) -> list[Path]:
         """The YAML, and the secret and keys files of the current config."""
         files = [self.config_path]
         for route in self.config.routes if self.config else ():
-            if route.credential and route.credential.secret.file:
-                files.append(route.credential.secret.file)
+            secret = route.credential and route.credential.secret
+            if secret and secret.file:
+                files.append(secret.file)
             if route.access:
                 files.append(route.access.keys_file)
         return sorted(set(files))

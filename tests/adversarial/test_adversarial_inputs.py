@@ -464,7 +464,10 @@ PATHS = {
     "double-encoded-dots->alpha-path-stays-encoded": ("/alpha/%252e%252e/beta/m", injected()),
     "dot-dot-to-root->404": ("/alpha/..", refused(404)),
     "upper-case-prefix->404": ("/ALPHA/v1/m", refused(404)),
-    "prefix-without-slash->404": ("/alpha", refused(404)),
+    "bare-prefix->alpha": ("/alpha", injected()),
+    "bare-prefix-with-query->alpha": ("/alpha?beta=1", injected()),
+    "prefix-then-more-letters->404": ("/alphax/v1/m", refused(404)),
+    "prefix-then-dash->404": ("/alpha-beta/v1/m", refused(404)),
     "fragment->400": ("/alpha/v1#/../../beta", refused(400)),
     "dot-dots-in-query->alpha-query-kept": ("/alpha/v1/m?next=/../beta/", injected()),
 }

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 
 from extproc.config.load import load_config
 from extproc.config.sections import ConfigError
 from extproc.policy.compiled import compile_policy
+from extproc.policy.decision import Outcome
 
 GOOD = """\
 listener: {address: 127.0.0.1, port: 4000}
@@ -62,7 +64,35 @@ CASES = [
     ("unknown failure mode", GOOD + "extproc: {failure_mode: sometimes}\n",
      ["gateway.yaml:9 extproc.failure_mode: expected one of closed, open, got 'sometimes'"]),
     ("prefix without slashes", GOOD.replace("/anthropic/", "anthropic"),
-     ["gateway.yaml:4 routes[0].prefix: must start and end with '/' (e.g. /anthropic/)"]),
+     ["gateway.yaml:4 routes[0].prefix: expected path segments of letters, digits, . _ ~ - (e.g. /anthropic)"]),
+    ("prefix with a character that is not a path segment's", GOOD.replace("/anthropic/", "/anth(ropic"),
+     ["gateway.yaml:4 routes[0].prefix: expected path segments of letters, digits, . _ ~ - (e.g. /anthropic)"]),
+    ("prefix with an empty segment", GOOD.replace("/anthropic/", "/a//b"),
+     ["gateway.yaml:4 routes[0].prefix: expected path segments of letters, digits, . _ ~ - (e.g. /anthropic)"]),
+    ("unknown credential mode", GOOD.replace("secret: {env: K}", "secret: {env: K}\n      mode: sometimes"),
+     ["gateway.yaml:9 routes[0].credential.mode: expected one of prefer_client, replace_client, "
+      "reject_client, client_only, got 'sometimes'"]),
+    ("client_only with a secret", GOOD.replace("secret: {env: K}", "secret: {env: K}\n      mode: client_only"),
+     ["gateway.yaml:8 routes[0].credential.secret: a client_only route never uses a server key: "
+      "remove the secret"]),
+    ("replace_client without a secret", GOOD.replace("secret: {env: K}", "mode: replace_client"),
+     ["gateway.yaml:6 routes[0].credential: missing required field 'secret' "
+      "(mode replace_client needs a server key)"]),
+    ("default mode without a secret", GOOD.replace("      secret: {env: K}\n", ""),
+     ["gateway.yaml:6 routes[0].credential: missing required field 'secret' "
+      "(mode prefer_client needs a server key)"]),
+    ("a placeholder with a comma", GOOD.replace("secret: {env: K}", "secret: {env: K}\n      placeholders: ['a,b']"),
+     ["gateway.yaml:9 routes[0].credential.placeholders[0]: expected a value of visible ASCII characters, no ','"]),
+    ("a placeholder with a space", GOOD + "placeholders: [dummy, 'no key']\n",
+     ["gateway.yaml:9 placeholders[1]: expected a value of visible ASCII characters, no ','"]),
+    ("a placeholder that is not text", GOOD + "placeholders: [1]\n",
+     ["gateway.yaml:9 placeholders[0]: expected a value of visible ASCII characters, no ','"]),
+    ("a placeholder that looks like a gateway key", GOOD + "placeholders: [gk-dummy]\n",
+     ["gateway.yaml:9 placeholders[0]: values starting with 'gk-' are gateway keys"]),
+    ("access header that is a standard credential slot on a plain route",
+     "listener: {address: 127.0.0.1, port: 4000}\nroutes:\n  - name: plain\n    prefix: /p\n"
+     "    upstream: https://x\n    access: {keys_file: k, header: x-api-key}\n",
+     ["gateway.yaml:6 routes[0].access: header 'x-api-key' is also a client credential header"]),
     ("two parts on one port", GOOD + "admin: {port: 4000}\n",
      ["gateway.yaml:9 admin.port: port 4000 is already used by listener"]),
     ("injected header missing from client_credentials",
@@ -134,7 +164,9 @@ def test_secret_file_trailing_newline_is_trimmed(tmp_path: Path) -> None:
     path.write_text(GOOD.replace("{env: K}", "{file: key}"))
     policy = compile_policy(load_config(path), environ={})
     route = next(iter(policy.routes.values()))
-    assert route.header_value is not None and route.header_value.reveal() == b"sk-ant-api03-filekey"
+    answer = ProcessingResponse.FromString(route.answer(Outcome.INJECTED, (), ""))
+    [option] = answer.request_headers.response.header_mutation.set_headers
+    assert option.header.raw_value == b"sk-ant-api03-filekey"
     assert "filekey" not in repr(route) and "filekey" not in repr(policy)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from types import MappingProxyType
 
 import pytest
 
-from extproc.policy.access import GatewayKeys
+from extproc.config.model import CredentialMode
+from extproc.policy.access import GatewayKeys, KeyTable
 from extproc.policy.decision import Decision, Outcome, RouteRule, decide
 from extproc.render.routes import NON_BLANK, NON_BLANK_AUTHORIZATION
 
@@ -74,14 +76,32 @@ def test_repeated_blank_headers_are_removed_once_and_in_a_stable_order() -> None
 
 def keyed(for_client_credentials: bool = False) -> RouteRule:
     """A route whose server key needs a gateway key ("alice-key" belongs to alice)."""
-    keys = GatewayKeys(
-        "x-gateway-key", read_keys_text("alice", "alice-key"), for_client_credentials
+    return RouteRule(
+        "x-api-key", frozenset({"authorization", "x-api-key"}), True, alice(for_client_credentials)
     )
-    return RouteRule("x-api-key", frozenset({"authorization", "x-api-key"}), True, keys)
 
 
-def read_keys_text(name: str, key: str) -> tuple[tuple[bytes, str], ...]:
-    return ((hashlib.sha256(key.encode()).digest(), name),)
+def alice(for_client_credentials: bool = False) -> GatewayKeys:
+    """Gateway keys where "alice-key" and "gk-alice" belong to alice."""
+    digests = {hashlib.sha256(k).digest(): "alice" for k in (b"alice-key", b"gk-alice")}
+    return GatewayKeys("x-gateway-key", KeyTable(MappingProxyType(digests)), for_client_credentials)
+
+
+def rule(mode: CredentialMode = CredentialMode.PREFER_CLIENT, keys: GatewayKeys | None = None,
+         placeholders: tuple[bytes, ...] = (), header: str = "x-api-key") -> RouteRule:  # fmt: skip
+    return RouteRule(header, frozenset({"authorization", "x-api-key"}), True, keys, mode,
+                     frozenset(placeholders))  # fmt: skip
+
+
+PREFER, REPLACE = CredentialMode.PREFER_CLIENT, CredentialMode.REPLACE_CLIENT
+REJECT, CLIENT_ONLY = CredentialMode.REJECT_CLIENT, CredentialMode.CLIENT_ONLY
+FORWARD = RouteRule(
+    "", frozenset({"authorization", "x-api-key"}), False, alice(), forward_only=True
+)
+FORWARD_NO_KEYS = RouteRule(
+    "", frozenset({"authorization", "x-api-key"}), False, None, forward_only=True
+)
+OAUTH = ("authorization", b"Bearer sk-ant-oat01-x")
 
 
 KEY_CASES = [
@@ -91,8 +111,10 @@ KEY_CASES = [
      keyed(), [("accept", b"*/*")], Decision(Outcome.DENIED)),
     ("wrong gateway key: denied", keyed(), [("x-gateway-key", b"guess")], Decision(Outcome.DENIED)),
     ("blank gateway key: denied", keyed(), [("x-gateway-key", b"")], Decision(Outcome.DENIED)),
-    ("two gateway keys, even valid ones: denied",
-     keyed(), [("x-gateway-key", b"alice-key"), ("x-gateway-key", b"alice-key")], Decision(Outcome.DENIED)),
+    ("two copies of one valid key: one key, inject for alice",
+     keyed(), [("x-gateway-key", b"alice-key"), ("x-gateway-key", b"alice-key")], Decision(Outcome.INJECTED, client="alice")),
+    ("two different keys, one valid: denied",
+     keyed(), [("x-gateway-key", b"alice-key"), ("x-gateway-key", b"bob-key")], Decision(Outcome.DENIED)),
     ("gateway key header name is case-insensitive",
      keyed(), [("X-Gateway-Key", b"alice-key")], Decision(Outcome.INJECTED, client="alice")),
     ("own credential without gateway key: client pays (default policy)",
@@ -108,8 +130,106 @@ KEY_CASES = [
 ]  # fmt: skip
 
 
+SLOT_CASES = [
+    ("gateway key as x-api-key: injected over it, named",
+     keyed(), [("x-api-key", b"gk-alice")], Decision(Outcome.INJECTED, client="alice")),
+    ("gateway key as Bearer: removed, x-api-key injected, named",
+     keyed(), [("authorization", b"Bearer gk-alice")], Decision(Outcome.INJECTED, ("authorization",), "alice")),
+    ("gateway key as bare Authorization value: removed",
+     keyed(), [("authorization", b"gk-alice")], Decision(Outcome.INJECTED, ("authorization",), "alice")),
+    ("gateway key as Bearer on a bearer route: overwritten, not removed",
+     rule(keys=alice(), header="authorization"), [("authorization", b"Bearer gk-alice")],
+     Decision(Outcome.INJECTED, client="alice")),
+    ("invalid gateway key as x-api-key: denied, never passed on as a client key",
+     keyed(), [("x-api-key", b"gk-typo")], Decision(Outcome.DENIED)),
+    ("gateway-key prefix on a route without keys: denied",
+     rule(), [("x-api-key", b"gk-alice")], Decision(Outcome.DENIED)),
+    ("gateway-key prefix beside OAuth on a route without keys: denied",
+     rule(), [OAUTH, ("x-api-key", b"gk-alice")], Decision(Outcome.DENIED)),
+    ("OAuth plus valid key in x-api-key: client pays, key removed, named",
+     keyed(), [OAUTH, ("x-api-key", b"gk-alice")], Decision(Outcome.CLIENT_AUTHORIZATION, ("x-api-key",), "alice")),
+    ("OAuth plus invalid key in x-api-key: denied",
+     keyed(), [OAUTH, ("x-api-key", b"gk-bob")], Decision(Outcome.DENIED)),
+    ("same key in x-api-key and the access header: one key",
+     keyed(), [("x-api-key", b"gk-alice"), ("x-gateway-key", b"gk-alice")], Decision(Outcome.INJECTED, client="alice")),
+    ("different keys in two slots: denied",
+     keyed(), [("authorization", b"Bearer gk-alice"), ("x-api-key", b"gk-other")], Decision(Outcome.DENIED)),
+    ("upper-case header and scheme: still a gateway key",
+     keyed(), [("AUTHORIZATION", b"BEARER gk-alice")], Decision(Outcome.INJECTED, ("authorization",), "alice")),
+    ("gateway key in the access header is not removed by the processor (Envoy strips it)",
+     keyed(), [("x-gateway-key", b"gk-alice")], Decision(Outcome.INJECTED, client="alice")),
+    ("prefix is case-sensitive: GK- is a client key",
+     rule(), [("x-api-key", b"GK-alice")], Decision(Outcome.CLIENT_API_KEY)),
+    ("a key containing gk- later is a client key",
+     rule(), [("x-api-key", b"sk-gk-1")], Decision(Outcome.CLIENT_API_KEY)),
+]  # fmt: skip
+
+PLACEHOLDER_CASES = [
+    ("placeholder x-api-key: inject over it",
+     rule(placeholders=(b"dummy",)), [("x-api-key", b"dummy")], Decision(Outcome.INJECTED)),
+    ("placeholder bearer: inject and drop it",
+     rule(placeholders=(b"sk-no-key-required",)), [("authorization", b"Bearer sk-no-key-required")],
+     Decision(Outcome.INJECTED, ("authorization",))),
+    ("placeholders are exact: dummy2 is a key",
+     rule(placeholders=(b"dummy",)), [("x-api-key", b"dummy2")], Decision(Outcome.CLIENT_API_KEY)),
+    ("placeholders are case-sensitive",
+     rule(placeholders=(b"EMPTY",)), [("x-api-key", b"empty")], Decision(Outcome.CLIENT_API_KEY)),
+    ("no placeholders configured: dummy is a key",
+     rule(), [("x-api-key", b"dummy")], Decision(Outcome.CLIENT_API_KEY)),
+    ("placeholder beside OAuth: client pays, placeholder left alone",
+     rule(placeholders=(b"dummy",)), [OAUTH, ("x-api-key", b"dummy")], Decision(Outcome.CLIENT_AUTHORIZATION)),
+    ("placeholder with a route's gateway keys: still needs a key",
+     rule(keys=alice(), placeholders=(b"dummy",)), [("x-api-key", b"dummy")], Decision(Outcome.DENIED)),
+]  # fmt: skip
+
+MODE_CASES = [
+    ("replace_client: OAuth removed, server key injected",
+     rule(REPLACE), [OAUTH], Decision(Outcome.REPLACED, ("authorization",))),
+    ("replace_client: client x-api-key overwritten",
+     rule(REPLACE), [("x-api-key", b"sk-ant-api03-mine")], Decision(Outcome.REPLACED)),
+    ("replace_client: nothing sent, injected",
+     rule(REPLACE), [], Decision(Outcome.INJECTED)),
+    ("replace_client with keys: a client credential alone is denied",
+     rule(REPLACE, alice()), [OAUTH], Decision(Outcome.DENIED)),
+    ("replace_client with keys: key plus OAuth, OAuth removed, named",
+     rule(REPLACE, alice()), [OAUTH, ("x-gateway-key", b"gk-alice")], Decision(Outcome.REPLACED, ("authorization",), "alice")),
+    ("reject_client: OAuth refused",
+     rule(REJECT), [OAUTH], Decision(Outcome.REFUSED)),
+    ("reject_client: nothing sent, injected",
+     rule(REJECT), [("x-api-key", b" ")], Decision(Outcome.INJECTED)),
+    ("reject_client with a valid key and OAuth: refused, named",
+     rule(REJECT, alice()), [OAUTH, ("x-api-key", b"gk-alice")], Decision(Outcome.REFUSED, client="alice")),
+    ("client_only: own key passes",
+     rule(CLIENT_ONLY), [("x-api-key", b"sk-ant-api03-mine")], Decision(Outcome.CLIENT_API_KEY)),
+    ("client_only: nothing sent, rejected",
+     RouteRule("x-api-key", frozenset({"x-api-key", "authorization"}), False, None, CLIENT_ONLY), [], Decision(Outcome.REJECTED)),
+    ("client_only with a valid gateway key and no credential: rejected, named",
+     RouteRule("x-api-key", frozenset({"x-api-key", "authorization"}), False, alice(), CLIENT_ONLY),
+     [("x-api-key", b"gk-alice")], Decision(Outcome.REJECTED, client="alice")),
+    ("client_only with keys: own key needs none by default",
+     RouteRule("x-api-key", frozenset({"x-api-key", "authorization"}), False, alice(), CLIENT_ONLY),
+     [OAUTH], Decision(Outcome.CLIENT_AUTHORIZATION)),
+    ("forward-only route, valid key in x-api-key: removed, forwarded, named",
+     FORWARD, [("x-api-key", b"gk-alice")], Decision(Outcome.FORWARDED, ("x-api-key",), "alice")),
+    ("forward-only route, valid Bearer key and nothing else: removed",
+     FORWARD, [("authorization", b"Bearer gk-alice")], Decision(Outcome.FORWARDED, ("authorization",), "alice")),
+    ("forward-only route, own key plus gateway key: client pays, key removed",
+     FORWARD, [OAUTH, ("x-api-key", b"gk-alice")], Decision(Outcome.CLIENT_AUTHORIZATION, ("x-api-key",), "alice")),
+    ("forward-only route, invalid key: denied",
+     FORWARD, [("x-api-key", b"gk-bad")], Decision(Outcome.DENIED)),
+    ("forward-only route without keys, any gk- value: denied",
+     FORWARD_NO_KEYS, [("x-api-key", b"gk-alice")], Decision(Outcome.DENIED)),
+    ("forward-only route, no key at all: forwarded untouched",
+     FORWARD, [("x-api-key", b"")], Decision(Outcome.FORWARDED)),
+]  # fmt: skip
+
+ALL_KEY_CASES = KEY_CASES + SLOT_CASES + PLACEHOLDER_CASES + MODE_CASES
+
+
 @pytest.mark.parametrize(
-    ("rule", "headers", "expected"), [c[1:] for c in KEY_CASES], ids=[c[0] for c in KEY_CASES]
+    ("rule", "headers", "expected"),
+    [c[1:] for c in ALL_KEY_CASES],
+    ids=[c[0] for c in ALL_KEY_CASES],
 )
 def test_decision_with_gateway_keys(
     rule: RouteRule, headers: list[tuple[str, bytes]], expected: Decision

@@ -1,11 +1,14 @@
 """Properties of the decision and the processor over random header sets (hypothesis).
 
 The oracle below restates the rule from the README independently of
-``decide``: the server key is set iff no client credential header is present
-with a non-blank value (``is_blank``) and access was granted (no gateway keys
-on the route, or exactly one valid key, or a client credential on a route that
-does not demand keys for them). Header sets mix case variants, duplicates,
-blanks, bare schemes, valid and invalid gateway keys and arbitrary bytes.
+``decide``: a ``gk-`` token in any credential slot, or any value in the access
+header, is a presented gateway key; one in a slot, or a key being needed,
+means all presented must be one valid key; the server key is set iff no client credential header
+holds a token that is neither blank, a placeholder nor a gateway key, and
+access was granted (no gateway keys on the route, or exactly one valid key, or
+a client credential on a route that does not demand keys for them). Header
+sets mix case variants, duplicates, blanks, bare schemes, placeholders, valid
+and invalid gateway keys in every slot, and arbitrary bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -22,14 +26,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.config.load import load_config
-from extproc.policy.access import GatewayKeys, key_line
+from extproc.policy.access import GatewayKeys, KeyTable, key_line
 from extproc.policy.compiled import Policy, compile_policy
-from extproc.policy.decision import Decision, Outcome, RouteRule, decide, is_blank
+from extproc.policy.decision import Decision, Outcome, RouteRule, decide, token_of
 from extproc.policy.processor import process
 
 KEY_HEADER = "x-gateway-key"
 GATEWAY_KEYS = {"alice": b"gk-alice-property-key", "bob": b"gk-bob-property-key"}
-ENTRIES = tuple((hashlib.sha256(key).digest(), name) for name, key in GATEWAY_KEYS.items())
+ENTRIES = KeyTable(
+    MappingProxyType({hashlib.sha256(key).digest(): name for name, key in GATEWAY_KEYS.items()})
+)
+PLACEHOLDERS = frozenset({b"dummy", b"EMPTY"})
 SERVER_KEY = b"sk-server-property-secret"
 BEARER_KEY = b"sk-bearer-property-secret"
 CREDENTIAL_NAMES = ("x-api-key", "authorization")
@@ -56,7 +63,9 @@ _BLANKS = st.text(" \t\r\n\x0b\x0c", max_size=4).map(str.encode)
 _VALUES = st.one_of(
     _BLANKS,
     st.sampled_from([b"Bearer", b"bearer ", b" BASIC\t", b"Bearer x", b"Token ", b",", b"\xa0"]),
+    st.sampled_from([b"dummy", b"Bearer dummy", b" EMPTY ", b"empty", b"gk-", b"gk-nobody"]),
     st.sampled_from(list(GATEWAY_KEYS.values())),
+    st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b"Bearer " + key),
     st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b" " + key + b"\t"),
     st.binary(max_size=24),
     st.tuples(st.sampled_from([b"Bearer ", b"Basic "]), st.binary(max_size=8)).map(b"".join),
@@ -74,7 +83,9 @@ def rules(draw: st.DrawFn) -> RouteRule:
             st.builds(GatewayKeys, st.just(KEY_HEADER), st.just(ENTRIES), st.booleans()),
         )
     )
-    return RouteRule(header, frozenset({header, *others}), draw(st.booleans()), keys)
+    placeholders = draw(st.sampled_from([frozenset(), PLACEHOLDERS]))
+    credentials = frozenset({header, *others})
+    return RouteRule(header, credentials, draw(st.booleans()), keys, placeholders=placeholders)
 
 
 # -- the oracle ---------------------------------------------------------------------------
@@ -88,19 +99,45 @@ class Expected:
     client: str  # the gateway key's name when a key was checked and valid
 
 
+def _presented(rule: RouteRule, lowered: Sequence[tuple[str, bytes]]) -> list[bytes]:
+    """Gateway keys: ``gk-`` tokens in any slot, and whatever is in the access header."""
+    slots = {*rule.client_credentials, "authorization", "x-api-key"}
+    key_header = rule.keys.header if rule.keys else None
+    return [
+        token_of(name, value)
+        for name, value in lowered
+        if name == key_header or (name in slots and token_of(name, value).startswith(b"gk-"))
+    ]
+
+
+def _own(rule: RouteRule, name: str, value: bytes) -> bool:
+    """A client's own credential: in a credential header, not blank, placeholder or key."""
+    token = token_of(name, value)
+    if name not in rule.client_credentials or not token:
+        return False
+    key_header = rule.keys.header if rule.keys else None
+    return name != key_header and token not in rule.placeholders and not token.startswith(b"gk-")
+
+
 def expected(rule: RouteRule, headers: Sequence[tuple[str, bytes]]) -> Expected:
     lowered = [(name.lower(), value) for name, value in headers]
-    client_credential = any(
-        name in rule.client_credentials and not is_blank(name, value) for name, value in lowered
-    )
+    client_credential = any(_own(rule, name, value) for name, value in lowered)
+    presented = _presented(rule, lowered)
     client, granted = "", True
-    if rule.keys is not None and (not client_credential or rule.keys.for_client_credentials):
-        presented = [value for name, value in lowered if name == rule.keys.header]
-        names = dict(rule.keys.entries)
-        digest = hashlib.sha256(presented[0].strip()).digest() if len(presented) == 1 else b""
-        client = names.get(digest, "")
+    needs_key = rule.keys is not None and (
+        not client_credential or rule.keys.for_client_credentials
+    )
+    in_slots = len(presented) > sum(
+        1 for name, _ in lowered if rule.keys and name == rule.keys.header
+    )
+    if in_slots or (needs_key and not rule.forward_only):
+        distinct = set(presented)
+        if rule.keys is not None and len(distinct) == 1:
+            client = rule.keys.table.by_digest.get(
+                hashlib.sha256(distinct.pop().strip()).digest(), ""
+            )
         granted = bool(client)
-    inject = granted and not client_credential and rule.has_secret
+    inject = granted and not client_credential and rule.has_secret and not rule.forward_only
     return Expected(client_credential, granted, inject, client)
 
 
@@ -131,22 +168,36 @@ def test_decision_is_deterministic_and_removes_only_blank_client_credentials(
     first = decide(rule, headers)
     assert decide(rule, list(headers)) == first
     assert decide(rule, iter(headers)) == first
-    blank = {
-        name.lower()
-        for name, value in headers
-        if name.lower() in rule.client_credentials and is_blank(name.lower(), value)
+    lowered = [(name.lower(), value) for name, value in headers]
+    keyed = {
+        name
+        for name, value in lowered
+        if name in {*rule.client_credentials, "authorization", "x-api-key"}
+        and token_of(name, value).startswith(b"gk-")
     }
-    assert set(first.remove) <= blank - {rule.header}
+    unusable = {
+        name
+        for name, value in lowered
+        if name in rule.client_credentials and not _own(rule, name, value)
+    } - {rule.keys.header if rule.keys else ""}
     assert list(first.remove) == sorted(set(first.remove))
-    if first.outcome is not Outcome.INJECTED:
+    if first.outcome is Outcome.INJECTED:
+        assert set(first.remove) == (unusable | keyed) - {rule.header}
+    elif first.outcome is Outcome.DENIED or first.outcome is Outcome.REJECTED:
         assert first.remove == ()
+    else:
+        assert set(first.remove) == keyed
 
 
 @settings(max_examples=50, deadline=None)
 @given(headers=HEADERS)
-def test_decision_without_gateway_keys_never_denies(headers: Headers) -> None:
+def test_decision_without_gateway_keys_denies_only_a_gateway_key(headers: Headers) -> None:
     rule = RouteRule("x-api-key", frozenset(CREDENTIAL_NAMES), True)
-    assert decide(rule, headers).outcome is not Outcome.DENIED
+    keyed = any(
+        name.lower() in CREDENTIAL_NAMES and token_of(name.lower(), value).startswith(b"gk-")
+        for name, value in headers
+    )
+    assert (decide(rule, headers).outcome is Outcome.DENIED) == keyed
 
 
 # -- the processor with real ProcessingRequest messages -------------------------------------
@@ -242,10 +293,12 @@ def test_processor_answer_carries_the_key_iff_the_oracle_says_inject(
         [option] = mutation.set_headers
         assert (option.header.key, option.header.raw_value) == (rule.header, secret)
         assert option.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-        assert set(mutation.remove_headers) <= set(rule.client_credentials) - {rule.header}
+        assert set(mutation.remove_headers) <= set(rule.slots) - {rule.header}
     else:
-        assert not mutation.set_headers and not mutation.remove_headers
-    refused = not want.granted or (not want.client_credential and not rule.has_secret)
+        assert not mutation.set_headers
+        assert set(mutation.remove_headers) <= set(rule.slots)
+    no_secret = not want.client_credential and not rule.has_secret and not rule.forward_only
+    refused = not want.granted or no_secret
     assert reply.HasField("immediate_response") == refused
     if refused:
         assert reply.immediate_response.status.code == 401
@@ -283,7 +336,11 @@ def test_the_oracle_itself_distinguishes_the_cases() -> None:
     cases = [
         (rule, [], Expected(False, False, False, "")),
         (rule, [("X-Gateway-Key", b" " + alice)], Expected(False, True, True, "alice")),
-        (rule, [(KEY_HEADER, alice), (KEY_HEADER, alice)], Expected(False, False, False, "")),
+        (rule, [(KEY_HEADER, alice), (KEY_HEADER, b"gk-other")], Expected(False, False, False, "")),
+        (rule, [(KEY_HEADER, alice), ("x-api-key", alice)], Expected(False, True, True, "alice")),
+        (rule, [("authorization", b"Bearer " + alice)], Expected(False, True, True, "alice")),
+        (rule, [("x-api-key", b"gk-typo"), ("authorization", b"Bearer mine")],
+         Expected(True, False, False, "")),
         (rule, [("authorization", b"Bearer ")], Expected(False, False, False, "")),
         (rule, [("x-api-key", b"mine")], Expected(True, True, False, "")),
         (RouteRule("x-api-key", frozenset(CREDENTIAL_NAMES), True, strict),
