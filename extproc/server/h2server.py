@@ -67,6 +67,7 @@ IDLE_TIMEOUT_S = 300.0  # a connection with no open stream this long is closed (
 MEMORY_BUDGET = 64 << 20  # bytes of unfinished messages held over all connections
 WORK_PER_TURN = 512  # units of work on one connection per event-loop turn (about 1-3 ms)
 HANDLER_WORK = 2  # units a handler call counts for, besides its frames
+LINGER_S = 1.0  # after our last GOAWAY, unread bytes are drained this long before closing
 _SETTING = struct.Struct(">HL")
 
 
@@ -161,7 +162,7 @@ class GrpcConnection(asyncio.Protocol):
                 log.warning("refused %d connections: %d open", pool.refused, limits.max_connections)
             self._dead = True
             self._transport.write(w.settings(ours) + w.goaway(0, w.ENHANCE_YOUR_CALM))
-            self._transport.close()
+            self._linger()
             return
         pool.connections.add(self)
         self._transport.write(
@@ -198,11 +199,31 @@ class GrpcConnection(asyncio.Protocol):
             if not self._streams:
                 self.close()
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
+        """GOAWAY NO_ERROR, and close (once the peer has read it, if ``linger``)."""
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(w.goaway(self._last_stream, w.NO_ERROR))
-            self._transport.close()
+            if linger:
+                self._linger()
+            else:
+                self._transport.close()
         self._forget_all()
+
+    def _linger(self) -> None:
+        """Close so that the peer reads our last frames: half-close now, discard what still
+        arrives, close LINGER_S later (closing with bytes unread would reset the connection,
+        and the peer would lose the GOAWAY)."""
+        transport, loop = self._transport, self._loop
+        if transport is None or transport.is_closing():
+            return
+        if loop is None or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        loop.call_later(LINGER_S, transport.close)
 
     def _forget_all(self) -> None:
         self._dead = True
@@ -225,7 +246,7 @@ class GrpcConnection(asyncio.Protocol):
             self._idle_checks += 1
         if self._idle_checks >= 3:  # no stream for at least the whole timeout
             self._idle_timer = None
-            self.close()
+            self.close(linger=True)
         elif self._loop is not None and not self._dead:
             delay = self._pool.limits.idle_timeout_s / 2
             self._idle_timer = self._loop.call_later(delay, self._check_idle)
@@ -284,9 +305,8 @@ class GrpcConnection(asyncio.Protocol):
             return
         self._out.append(w.goaway(self._last_stream, code))
         self._flush_out()
-        if self._transport is not None:
-            self._transport.close()
         self._forget_all()
+        self._linger()
 
     # -- memory held over all connections ----------------------------------------------------
 
@@ -299,7 +319,6 @@ class GrpcConnection(asyncio.Protocol):
             if greediest is self:
                 raise w.ProtocolViolation(w.ENHANCE_YOUR_CALM, "over the server's memory budget")
             greediest._abort(w.ENHANCE_YOUR_CALM)
-            greediest._flush_out()
 
     def _release(self, size: int) -> None:
         self._held -= size
