@@ -110,3 +110,17 @@ def test_curl_mistyped_gateway_key_gets_401_and_reaches_no_upstream(
     assert status == 401
     assert json.loads(body)["error"]["type"] == "authentication_error"
     assert clients_gateway.requests() == []
+
+
+def test_curl_head_on_the_bare_base_url_reaches_the_provider(
+    curl: str, clients_gateway: ClientsGateway
+) -> None:
+    """``HEAD /anthropic``, the base URL without its slash (Claude Code's first request)."""
+    arguments = ["-I", "-H", f"x-api-key: {OWN_ANTHROPIC}"]
+
+    status, _ = _curl(curl, clients_gateway.url("/anthropic"), arguments)
+
+    assert status == 200
+    seen = clients_gateway.anthropic.only_request()
+    assert (seen.method, seen.path) == ("HEAD", "/")
+    assert credentials(seen) == {"x-api-key": [OWN_ANTHROPIC.encode()]}
