@@ -19,6 +19,9 @@ from extproc.render.common import Json, socket_address, typed
 from extproc.render.listener import listener
 from extproc.render.routes import route_config
 
+# libyaml's emitter when PyYAML has it: xDS files for many routes are megabytes.
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 HEADER = (
     "# Rendered by `python -m extproc render` from {source}.\n"
     "# Do not edit: edit the YAML and render again.\n"
@@ -86,7 +89,8 @@ def render_resources(
 
 
 def to_yaml(document: Json, source: Path) -> str:
-    return HEADER.format(source=source.name) + yaml.safe_dump(document, sort_keys=False, width=120)
+    text = yaml.dump(document, Dumper=_DUMPER, sort_keys=False, width=120)
+    return HEADER.format(source=source.name) + text
 
 
 def render_yaml(config: GatewayConfig, xds_dir: Path | None = None) -> str:
