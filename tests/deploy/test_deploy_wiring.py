@@ -41,6 +41,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 README = ROOT / "README.md"
 ENVOY_ADMIN_SCRIPT = "envoy-admin.sh"
 PROCESSOR_IMAGE = "credential-gateway"
+INIT = ["/usr/bin/tini", "--"]  # the image's PID 1, which forwards signals to the processor
 
 Json = dict[str, Any]
 
@@ -297,6 +298,7 @@ def test_compose_starts_in_health_order(compose: Json) -> None:
     assert envoy_on_extproc["condition"] == "service_healthy"
     assert envoy_on_extproc["restart"], "Envoy must follow its network namespace's restarts"
     assert "healthcheck" not in services["extproc"], "the image's HEALTHCHECK applies"
+    assert services["render"]["healthcheck"] == {"disable": True}, "a one-shot job: no health"
     assert services["envoy"]["healthcheck"]["test"][:3] == [
         "CMD", "bash", envoy_admin_path(services["envoy"]),
     ]  # fmt: skip
@@ -541,7 +543,7 @@ def test_image_is_small_and_non_root(dockerfile: Dockerfile) -> None:
     assert (major, minor) >= (3, 11)
     assert dockerfile.uid != 0 and dockerfile.user.replace(":", "").isdigit()
     assert dockerfile.exposes == [], "the processor's port is never published"
-    assert dockerfile.entrypoint == ["python", "-m", "extproc"]
+    assert dockerfile.entrypoint == [*INIT, "python", "-m", "extproc"], "under an init (PID 1)"
     assert dockerfile.cmd[0] == "serve"
     for source in dockerfile.copies:
         assert (ROOT / source).exists(), f"COPY {source}: no such file in the build context"
