@@ -268,7 +268,8 @@ class GrpcConnection(asyncio.Protocol):
         self._flush_out()
         if self._budget <= 0 and len(self._buffer) >= w.FRAME_HEADER and self._loop is not None:
             self._next_turn = self._loop.call_soon(self._turn)
-        self._update_reading()
+        if (self._write_blocked or self._next_turn is not None) != self._reading_paused:
+            self._update_reading()
         if self._draining and not self._streams:
             self.close()
 
@@ -310,10 +311,9 @@ class GrpcConnection(asyncio.Protocol):
 
     # -- memory held over all connections ----------------------------------------------------
 
-    def _hold(self, size: int) -> None:
-        self._held += size
+    def _shed(self) -> None:
+        """Over the budget: the connection holding most is sent away (this one, or another)."""
         pool = self._pool
-        pool.held += size
         if pool.held > pool.limits.memory_budget:
             greediest = max(pool.connections, key=lambda c: c._held, default=self)
             if greediest is self:
@@ -489,7 +489,12 @@ class GrpcConnection(asyncio.Protocol):
         stream.unacked += padding
         if content:
             stream.data += content
-            self._hold(len(content))
+            size = len(content)
+            self._held += size
+            pool = self._pool
+            pool.held += size
+            if pool.held > pool.limits.memory_budget:
+                self._shed()
         if flags & w.END_STREAM:
             stream.peer_ended = True
         self._pump(stream_id, stream)
@@ -514,7 +519,8 @@ class GrpcConnection(asyncio.Protocol):
                 return
             compressed, message = data[0], bytes(data[5 : 5 + size])
             del data[: 5 + size]
-            self._release(5 + size)
+            self._held -= 5 + size
+            self._pool.held -= 5 + size
             self._unacked += 5 + size
             stream.unacked += 5 + size
             if compressed:
