@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extproc.config import model
+from extproc.config.limits import LIMITS
+from extproc.config.limits import limits as parse_limits
 from extproc.config.model import KEY_PREFIX
 from extproc.config.sections import ConfigError, Problems, Section, field_name
 from extproc.config.yamlsource import Document, YamlSyntaxError, load
@@ -56,12 +58,7 @@ def warnings(config: model.GatewayConfig) -> list[str]:
 def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     """Validate a parsed document; file paths are resolved against ``base``."""
     problems = Problems(doc)
-    top = Section(
-        problems,
-        (),
-        doc.data,
-        ["listener", "admin", "extproc", "metrics", "access", "placeholders", "routes"],
-    )
+    top = Section(problems, (), doc.data, _TOP)
     parser = _Parser(problems, base)
     parser.default_access = parser.access(top.section("access", _ACCESS))
     parser.default_placeholders = parser.placeholders(top) or ()
@@ -79,6 +76,11 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         for index, route in enumerate(routes):
             if route and route.spends_server_key and route.access is None:
                 problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
+    metering = top.flag("metering", False)
+    workers = extproc.workers if extproc else None
+    limits = parse_limits(
+        top.section("limits", LIMITS), problems, parser.secret, workers, bool(metering)
+    )
     tcp_extproc = extproc if extproc and not extproc.socket else None
     _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
     if problems.items:
@@ -92,9 +94,15 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         extproc=extproc,
         routes=tuple(r for r in routes if r is not None),
         metrics=metrics if top.has("metrics") else None,
+        metering=bool(metering),
+        limits=limits,
     )
 
 
+_TOP = [
+    "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering", "limits",
+    "routes",
+]  # fmt: skip
 _LISTENER = [
     "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
 ]  # fmt: skip

@@ -193,6 +193,41 @@ class Route:
         return f"{self.name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
+class StoreFailure(Enum):
+    """What limits do while their shared store cannot be reached."""
+
+    OPEN = "open"  # admit on this process's own counts (a client may overshoot)
+    CLOSED = "closed"  # refuse limited clients' requests on the organisation's key (503)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One gateway client's limits on the organisation's key; None: no limit."""
+
+    requests_per_minute: int | None = None
+    tokens: int | None = None  # per ``token_window_s``, every token type counted
+    token_window_s: int = 86400
+    concurrent: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens, self.concurrent))
+
+
+@dataclass(frozen=True)
+class Limits:
+    default: Limit = Limit()
+    clients: tuple[tuple[str, Limit], ...] = ()  # per-client overrides, merged over the default
+    store: str = "memory"  # or a redis:// URL (shared by replicas and workers)
+    password: SecretRef | None = None
+    on_store_error: StoreFailure = StoreFailure.OPEN
+    sync_ms: int = 200  # how often a shared store is synced (the overshoot window)
+
+    @property
+    def shared(self) -> bool:
+        return self.store != "memory"
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     source: Path
@@ -203,6 +238,8 @@ class GatewayConfig:
     routes: tuple[Route, ...]
     metrics: Endpoint | None = None
     system_ca_file: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+    metering: bool = False  # observe responses on credential routes for token usage
+    limits: Limits | None = None
 
     def with_socket(self, socket: Path | None) -> GatewayConfig:
         """This config with the processor on ``socket`` (``up`` uses a private one)."""

@@ -18,11 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from extproc.config.model import DEFAULT_CLIENT_CREDENTIALS, CredentialMode, GatewayConfig, Route
+from extproc.config.model import (
+    DEFAULT_CLIENT_CREDENTIALS,
+    CredentialMode,
+    ErrorStyle,
+    GatewayConfig,
+    Route,
+)
 from extproc.config.sections import ConfigError
 from extproc.policy import responses
 from extproc.policy.access import GatewayKeys, KeysFileError, KeyTable, read_keys
 from extproc.policy.decision import Outcome, RouteRule
+from extproc.policy.limits import LimitTable, Refusal
 from extproc.policy.secrets import Secret, SecretError, read_secret
 
 
@@ -45,6 +52,9 @@ class RouteAnswers:
     def answer(self, outcome: Outcome, remove: tuple[str, ...], client: str) -> bytes:
         body = self._bodies.get((outcome, remove)) or self.body(outcome, remove)
         return responses.with_metadata(body, self._fields[outcome], client)
+
+    def fields(self, outcome: Outcome) -> bytes:
+        return self._fields[outcome]
 
     def body(self, outcome: Outcome, remove: tuple[str, ...]) -> bytes:
         built = self._build(outcome, remove)
@@ -72,9 +82,15 @@ class CompiledRoute:
     rule: RouteRule
     answers: RouteAnswers = field(repr=False)  # they hold the secret
     identity: bytes = field(repr=False, default=b"")  # what the answers were built from
+    style: ErrorStyle = ErrorStyle.ANTHROPIC  # the provider's error (and usage) shape
 
     def answer(self, outcome: Outcome, remove: tuple[str, ...], client: str) -> bytes:
         return self.answers.answer(outcome, remove, client)
+
+    def limited(self, refusal: Refusal, client: str) -> bytes:
+        """Built per request: the retry-after differs each time (and this path is rare)."""
+        body = responses.limited(self.style, refusal)
+        return responses.with_metadata(body, self.answers.fields(Outcome.LIMITED), client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +99,7 @@ class Policy:
     version: str  # short hash of the config, secrets and keys files, for metrics/logs
     missing_optional: tuple[str, ...] = ()  # routes whose optional secret is absent
     keys: Mapping[Path, KeyTable] = field(default_factory=dict, repr=False)  # by keys file
+    limits: LimitTable | None = None  # per-client limits on the organisation's key
 
 
 def compile_policy(
@@ -118,7 +135,9 @@ def compile_policy(
     if problems:
         raise ConfigError(problems)
     version = _version(config, compiled, tables)
-    return Policy(MappingProxyType(compiled), version, tuple(missing), MappingProxyType(tables))
+    limits = LimitTable.of(config.limits) if config.limits else None
+    held = MappingProxyType(tables)
+    return Policy(MappingProxyType(compiled), version, tuple(missing), held, limits)
 
 
 def _read_secret(route: Route, environ: Mapping[str, str]) -> Secret | None:
@@ -150,7 +169,8 @@ def _compile_route(
         value = Secret(before.encode() + secret.reveal() + after.encode())
     identity = _identity(route, value)
     answers = old.answers if old and old.identity == identity else RouteAnswers(route, value)
-    return CompiledRoute(route.name, _rule(route, value is not None, keys), answers, identity)
+    rule = _rule(route, value is not None, keys)
+    return CompiledRoute(route.name, rule, answers, identity, route.error_style)
 
 
 def _rule(route: Route, has_secret: bool, keys: GatewayKeys | None) -> RouteRule:

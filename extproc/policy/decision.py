@@ -42,6 +42,7 @@ class Outcome(Enum):
     REJECTED = "rejected"  # a credential was needed and none could be used: 401
     REFUSED = "refused"  # the route takes only the server's credential, the client sent one: 401
     DENIED = "denied"  # gateway key missing or invalid: 401
+    LIMITED = "limited"  # the client is over a limit on the organisation's key: 429
     UNKNOWN_ROUTE = "unknown_route"  # Envoy named a route the processor does not know: 503
 
     @property

@@ -14,9 +14,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from extproc.policy import responses
 from extproc.policy.compiled import Policy
 from extproc.policy.decision import Outcome, decide
+from extproc.policy.limits import Admission
 from extproc.policy.responses import PHASE_REPLIES
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+_SPENDS = frozenset({Outcome.INJECTED, Outcome.REPLACED})  # the organisation's key pays
 ROUTE_ATTRIBUTE = "xds.route_name"
 _UNKNOWN_ROUTE = responses.unknown_route()
 _NO_ROUTE = ext_proc.ProcessingResponse(
@@ -36,8 +38,10 @@ class Answer(NamedTuple):
     final: bool = True  # nothing more to decide on this stream: end it
 
 
-def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
-    """Answer one message of an ext_proc stream."""
+def process(
+    policy: Policy, request: ext_proc.ProcessingRequest, admission: Admission | None = None
+) -> Answer:
+    """Answer one message of an ext_proc stream; ``admission`` checks the client's limits."""
     phase = request.WhichOneof("request")
     if phase != "request_headers":
         if phase is None:
@@ -51,5 +55,12 @@ def process(policy: Policy, request: ext_proc.ProcessingRequest) -> Answer:
         return Answer(_UNKNOWN_ROUTE, route_name, Outcome.UNKNOWN_ROUTE)
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
-    payload = route.answer(decision.outcome, decision.remove, decision.client)
-    return Answer(payload, route.name, decision.outcome, decision.client)
+    outcome, client = decision.outcome, decision.client
+    if admission is not None and client and outcome in _SPENDS and policy.limits is not None:
+        limit = policy.limits.for_client(client)
+        if limit.any:
+            refusal = admission.admit(client, limit, policy.limits.on_store_error)
+            if refusal is not None:
+                return Answer(route.limited(refusal, client), route.name, Outcome.LIMITED, client)
+    payload = route.answer(outcome, decision.remove, client)
+    return Answer(payload, route.name, outcome, client)

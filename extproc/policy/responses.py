@@ -17,6 +17,7 @@ from envoy.type.v3 import http_status_pb2
 
 from extproc.config.model import METADATA_NAMESPACE, ErrorStyle
 from extproc.policy.decision import Outcome
+from extproc.policy.limits import Refusal
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -108,20 +109,43 @@ def reject(outcome: Outcome, style: ErrorStyle, message: str) -> bytes:
     return serialised
 
 
-def error_body(style: ErrorStyle, message: str, kind: str = "authentication_error") -> bytes:
+# The error kinds the gateway answers with, as each provider's SDKs name them:
+# (Anthropic error.type, OpenAI error.type, OpenAI error.code).
+AUTHENTICATION = ("authentication_error", "invalid_request_error", "invalid_api_key")
+RATE_LIMIT = ("rate_limit_error", "requests", "rate_limit_exceeded")
+UNAVAILABLE = ("overloaded_error", "server_error", "service_unavailable")
+
+
+def error_body(
+    style: ErrorStyle, message: str, kind: tuple[str, str, str] = AUTHENTICATION
+) -> bytes:
     """A JSON error body in the shape the provider's SDKs parse."""
     if style is ErrorStyle.OPENAI:
         body: dict[str, object] = {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_api_key",
-            }
+            "error": {"message": message, "type": kind[1], "param": None, "code": kind[2]}
         }
     else:
-        body = {"type": "error", "error": {"type": kind, "message": message}}
+        body = {"type": "error", "error": {"type": kind[0], "message": message}}
     return json.dumps(body).encode()
+
+
+def limited(style: ErrorStyle, refusal: Refusal) -> bytes:
+    """429 (or 503 when limits cannot be checked) with ``retry-after``; no upstream call."""
+    kind = RATE_LIMIT if refusal.status == 429 else UNAVAILABLE
+    retry_after = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key="retry-after", raw_value=str(refusal.retry_after).encode()),
+        append_action=_OVERWRITE,
+    )
+    answer = ext_proc.ProcessingResponse(
+        immediate_response=ext_proc.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=refusal.status),
+            headers=ext_proc.HeaderMutation(set_headers=[retry_after]),
+            body=error_body(style, refusal.message, kind),
+            details=f"credential_gateway_limited_{refusal.limit}",
+        )
+    )
+    serialised: bytes = answer.SerializeToString()
+    return serialised
 
 
 def unknown_route() -> bytes:

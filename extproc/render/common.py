@@ -38,4 +38,5 @@ def cluster_name(route_name: str) -> str:
 
 EXTPROC_CLUSTER = "extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+METERING_FILTER = "credential_gateway.metering"  # a second ext_proc filter, observing only
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

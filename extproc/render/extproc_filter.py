@@ -14,20 +14,28 @@ from extproc.config.model import (
     FailureMode,
     GatewayConfig,
 )
-from extproc.render.common import EXTPROC_CLUSTER, EXTPROC_FILTER, Json, seconds, typed
+from extproc.render.common import (
+    EXTPROC_CLUSTER,
+    EXTPROC_FILTER,
+    METERING_FILTER,
+    Json,
+    seconds,
+    typed,
+)
 
 _EXT_PROC = "envoy.extensions.filters.http.ext_proc.v3."
 
 
 def mutation_rules(config: GatewayConfig) -> Json:
-    """The processor may set or remove only credential and gateway-key slots; anything else fails.
+    """The processor may set or remove only credential and gateway-key slots (and ``retry-after``
+    on its own 429s, with limits); anything else fails.
 
     ``x-envoy-*``, ``host``/``:authority``, ``:path``, ``:scheme`` and ``:method``
     are already out of reach by default; ``disallow_all`` plus an allow-list makes
     every other header out of reach too, and ``disallow_is_error`` turns an
     attempt into a failed request instead of a silently ignored change.
     """
-    names = sorted(_slots(config))
+    names = sorted(_slots(config) | ({"retry-after"} if config.limits else set()))
     return {
         "disallow_system": True,
         "disallow_all": True,
@@ -83,6 +91,39 @@ def http_filter(config: GatewayConfig) -> Json:
     return {"name": EXTPROC_FILTER, "typed_config": filter_config}
 
 
-def disabled_for_route() -> Json:
-    """``typed_per_filter_config`` that turns the processor off for one route."""
-    return {EXTPROC_FILTER: typed(_EXT_PROC + "ExtProcPerRoute", disabled=True)}
+def metering_filter(config: GatewayConfig) -> Json:
+    """The observer: request headers, response headers and body go to the processor as they
+    pass, in observability mode, so Envoy never waits for it and never changes a byte.
+
+    It gets the decision's dynamic metadata (who paid, the gateway client) and only the
+    headers it needs; a failure to reach the processor never fails the request.
+    """
+    filter_config = typed(
+        _EXT_PROC + "ExternalProcessor",
+        grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+        observability_mode=True,
+        failure_mode_allow=True,
+        processing_mode={
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        request_attributes=["xds.route_name"],
+        forward_rules={
+            "allowed_headers": {
+                "patterns": [{"exact": name} for name in (":path", ":status", "content-type")]
+            }
+        },
+        metadata_options={"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        stat_prefix="metering",
+    )
+    return {"name": METERING_FILTER, "typed_config": filter_config}
+
+
+def disabled_for_route(*filters: str) -> Json:
+    """``typed_per_filter_config`` that turns ``filters`` (default: both) off for one route."""
+    names = filters or (EXTPROC_FILTER, METERING_FILTER)
+    return {name: typed(_EXT_PROC + "ExtProcPerRoute", disabled=True) for name in names}

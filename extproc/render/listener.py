@@ -108,9 +108,10 @@ def _local_replies() -> Json:
 def connection_manager(config: GatewayConfig, rds_source: Json | None = None) -> Json:
     """The HCM; routes inline, or from ``rds_source`` (a file Envoy watches) when given."""
     listener = config.listener
-    filters = (
-        [extproc_filter.http_filter(config)] if any(r.credential for r in config.routes) else []
-    )
+    # The decision filter is always there: any route may have a gateway key to check.
+    filters = [extproc_filter.http_filter(config)]
+    if config.metering:
+        filters.append(extproc_filter.metering_filter(config))
     filters.append(
         {
             "name": "envoy.filters.http.router",

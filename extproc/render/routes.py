@@ -23,7 +23,7 @@ from extproc.config.model import (
     Route,
 )
 from extproc.render import extproc_filter
-from extproc.render.common import Json, cluster_name, seconds
+from extproc.render.common import EXTPROC_FILTER, METERING_FILTER, Json, cluster_name, seconds
 
 # Envoy joins repeated headers with ',' before matching. A value with a character
 # that is neither white space nor ',' proves some copy is non-blank; for
@@ -99,7 +99,7 @@ def _client_pays(route: Route) -> list[Json]:
                 "metadata": {
                     "filter_metadata": {METADATA_NAMESPACE: {"credential_source": "client"}}
                 },
-                "typed_per_filter_config": extproc_filter.disabled_for_route(),
+                "typed_per_filter_config": extproc_filter.disabled_for_route(EXTPROC_FILTER),
             }
         )
     return copies
@@ -112,6 +112,7 @@ def _keyed(route: Route) -> list[Json]:
             "name": route.envoy_name,
             "match": {**_match(route), "headers": [_regex(slot, GATEWAY_KEY)]},
             "route": _action(route),
+            "typed_per_filter_config": extproc_filter.disabled_for_route(METERING_FILTER),
         }
         for slot in STANDARD_SLOTS
     ]

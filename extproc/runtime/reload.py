@@ -31,8 +31,14 @@ SETTLE_SECONDS = 0.1  # a change counts once two reads this far apart agree (no 
 def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     """Settings a running processor cannot take over without a restart."""
     fields = [("extproc", old.extproc, new.extproc), ("admin", old.admin, new.admin),
-              ("metrics", old.metrics, new.metrics)]  # fmt: skip
+              ("metrics", old.metrics, new.metrics), ("metering", old.metering, new.metering),
+              ("limits.store", _store(old), _store(new))]  # fmt: skip
     return [f"{name}: changing it needs a restart" for name, a, b in fields if a != b]
+
+
+def _store(config: GatewayConfig) -> object:
+    limits = config.limits
+    return limits and (limits.store, limits.password, limits.sync_ms)
 
 
 class PolicyHolder:

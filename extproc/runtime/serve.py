@@ -10,19 +10,22 @@ ignored (the last good config still serves).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
 from extproc.config.load import load_config
 from extproc.config.model import ServerKind
 from extproc.config.sections import ConfigError
+from extproc.policy.secrets import SecretError
 from extproc.runtime.reload import PolicyHolder, watch
 from extproc.runtime.workers import Supervisor, report_version
 from extproc.runtime.xds import XdsWriter
 from extproc.server import grpcio_backend, lean_backend
+from extproc.server.calls import SERVICE_NAME, Services
 from extproc.server.lifecycle import Hooks
 from extproc.server.metrics import Metrics
-from extproc.server.servicer import SERVICE_NAME
+from extproc.usage.limiter import limiter_for
 
 log = logging.getLogger("extproc")
 GRACE_SECONDS = 5.0
@@ -95,14 +98,18 @@ def _serve_one(
         threading.Thread(target=reload, name="reload", daemon=True).start()
 
     hooks = Hooks(on_started, on_reload_signal, GRACE_SECONDS)
+    try:
+        limiter = limiter_for(config.limits, os.environ, metrics.store_synced)
+    except SecretError as exc:
+        log.error("limits store password: %s", exc)
+        return 2
+    services = Services(holder, metrics, limiter)
     if isinstance(health, lean_backend.Health):
-        code = lean_backend.run(
-            settings, source=holder, metrics=metrics, health=health, hooks=hooks
-        )
+        code = lean_backend.run(settings, services=services, health=health, hooks=hooks)
     else:
-        code = grpcio_backend.run(
-            settings, source=holder, metrics=metrics, health=health, hooks=hooks
-        )
+        code = grpcio_backend.run(settings, services=services, health=health, hooks=hooks)
+    if limiter is not None:
+        limiter.close()
     stop_watching.set()
     log.info("ext_proc stopped")
     return code

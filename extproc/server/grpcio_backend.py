@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config.model import ExtprocSettings
 from extproc.server import unixsocket
+from extproc.server.calls import Services
 from extproc.server.lifecycle import Hooks
-from extproc.server.metrics import Metrics
-from extproc.server.servicer import ExternalProcessor, PolicySource
+from extproc.server.servicer import ExternalProcessor
 
 log = logging.getLogger("extproc")
 
@@ -37,14 +37,14 @@ class GrpcioHealth:
 
 
 def build_server(
-    source: PolicySource, metrics: Metrics, health: GrpcioHealth, threads: int, reuse_port: bool
+    services: Services, health: GrpcioHealth, threads: int, reuse_port: bool
 ) -> grpc.Server:
     """A gRPC server with the processor and the health service registered (not started)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="extproc"),
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
-    server.add_generic_rpc_handlers([ExternalProcessor(source, metrics).handler()])
+    server.add_generic_rpc_handlers([ExternalProcessor(services).handler()])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     return server
 
@@ -52,13 +52,12 @@ def build_server(
 def run(
     settings: ExtprocSettings,
     *,
-    source: PolicySource,
-    metrics: Metrics,
+    services: Services,
     health: GrpcioHealth,
     hooks: Hooks,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
-    server = build_server(source, metrics, health, threads=16, reuse_port=settings.workers > 1)
+    server = build_server(services, health, threads=16, reuse_port=settings.workers > 1)
     try:
         if settings.socket is not None:
             unixsocket.prepare(settings.socket)

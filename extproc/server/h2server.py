@@ -53,6 +53,9 @@ log = logging.getLogger("extproc")
 # (answer message or None, grpc status to end the call with or None to keep it open, error text)
 Reply = tuple[bytes | None, int | None, str]
 Method = Callable[[bytes], Reply]
+# A method with state per call: called when the call opens, it gives the call's handler and
+# what to run once the call is over however it ends (finished, reset, connection lost).
+Opener = Callable[[], tuple[Method, Callable[[], None]]]
 
 UNIMPLEMENTED, RESOURCE_EXHAUSTED, INTERNAL = 12, 8, 13
 STREAM_WINDOW = 1 << 20  # bytes a stream may send that we have not handed to its handler yet
@@ -84,8 +87,11 @@ class Limits:
 class Pool:
     """What the connections of one server share: methods, limits, and who holds what."""
 
-    def __init__(self, methods: Mapping[bytes, Method], limits: Limits) -> None:
+    def __init__(
+        self, methods: Mapping[bytes, Method], limits: Limits, openers: Mapping[bytes, Opener]
+    ) -> None:
         self.methods = methods
+        self.openers = openers
         self.limits = limits
         self.connections: set[GrpcConnection] = set()
         self.held = 0  # bytes of unfinished messages over all connections
@@ -95,6 +101,7 @@ class Pool:
 @dataclass(slots=True)
 class _Stream:
     method: Method | None
+    on_end: Callable[[], None] | None = None  # an opener's, run once when the call is over
     send_credit: int = 0  # its send window is the peer's initial window + this
     recv_window: int = STREAM_WINDOW  # what the peer may still send on it
     data: bytearray = field(default_factory=bytearray)  # received, not yet handed on
@@ -229,6 +236,8 @@ class GrpcConnection(asyncio.Protocol):
         self._dead = True
         self._pool.connections.discard(self)
         self._release(self._held)
+        for stream in self._streams.values():
+            _ended(stream)
         self._streams.clear()
         self._wait_stream.clear()
         self._wait_connection.clear()
@@ -450,7 +459,8 @@ class GrpcConnection(asyncio.Protocol):
             self._pump(stream_id, stream)
 
     def _open(self, stream_id: int, path: bytes) -> _Stream:
-        stream = _Stream(self._methods.get(path))
+        opener = self._pool.openers.get(path)
+        stream = _Stream(*opener()) if opener is not None else _Stream(self._methods.get(path))
         self._streams[stream_id] = stream
         self._opened = True
         if stream.method is None:
@@ -672,6 +682,7 @@ class GrpcConnection(asyncio.Protocol):
         """End the call with ``status`` (trailers, or trailers-only if nothing was sent)."""
         if not stream.closed:
             stream.closed = True
+            _ended(stream)
             self._drop_data(stream)
             block = w.OK_TRAILERS if status == 0 and not text else w.trailers(status, text)
             if not stream.started:
@@ -684,6 +695,7 @@ class GrpcConnection(asyncio.Protocol):
         """The stream is over (reset by either side): drop all it holds."""
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
+            _ended(stream)
             if stream.waiting:
                 self._wait_stream.pop(stream_id, None)
                 self._wait_connection.pop(stream_id, None)
@@ -744,8 +756,13 @@ class GrpcConnection(asyncio.Protocol):
 class GrpcServer:
     """Listens on one address; ``stop`` drains every connection gracefully."""
 
-    def __init__(self, methods: Mapping[bytes, Method], limits: Limits | None = None) -> None:
-        self.pool = Pool(methods, limits or Limits())
+    def __init__(
+        self,
+        methods: Mapping[bytes, Method],
+        limits: Limits | None = None,
+        openers: Mapping[bytes, Opener] | None = None,
+    ) -> None:
+        self.pool = Pool(methods, limits or Limits(), openers or {})
         self._connections = self.pool.connections
         self._server: asyncio.Server | None = None
 
@@ -783,3 +800,13 @@ class GrpcServer:
             await asyncio.sleep(0.05)
         for connection in list(self._connections):
             connection.close()
+
+
+def _ended(stream: _Stream) -> None:
+    """Run the call's end hook once; its failure is logged, never the connection's."""
+    on_end, stream.on_end = stream.on_end, None
+    if on_end is not None:
+        try:
+            on_end()
+        except Exception:
+            log.exception("ending a call failed")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import Callable
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -17,12 +16,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from extproc.config.model import ExtprocSettings
-from extproc.policy.processor import MalformedRequest, process
+from extproc.policy.processor import MalformedRequest
 from extproc.server import unixsocket
-from extproc.server.h2server import GrpcServer, Method, Reply
+from extproc.server.calls import SERVICE_NAME, ProcessCall, Services
+from extproc.server.h2server import GrpcServer, Method, Opener, Reply
 from extproc.server.lifecycle import Hooks
-from extproc.server.metrics import Metrics
-from extproc.server.servicer import SERVICE_NAME, PolicySource
 
 log = logging.getLogger("extproc")
 PROCESS_PATH = f"/{SERVICE_NAME}/Process".encode()
@@ -54,26 +52,28 @@ class Health:
         return health_pb2.HealthCheckResponse(status=status).SerializeToString(), 0, ""
 
 
-def process_method(source: PolicySource, metrics: Metrics) -> Method:
-    """ExternalProcessor/Process: answer each message; end the call after the request headers."""
+def process_opener(services: Services) -> Opener:
+    """ExternalProcessor/Process: answer each message; end a decision after the request headers."""
     parse = ext_proc.ProcessingRequest.FromString
-    clock = time.perf_counter
 
-    def call(message: bytes) -> Reply:
-        start = clock()
-        try:
-            request = parse(message)
-            answer = process(source.policy, request)
-        except (DecodeError, MalformedRequest) as exc:
-            return None, INVALID_ARGUMENT, str(exc)
-        except Exception:  # a bug must fail this call only, not every call on the connection
-            log.exception("processing failed")
-            return None, INTERNAL, "internal error"
-        if answer.outcome is not None:
-            metrics.decided(answer, clock() - start)
-        return answer.payload, (0 if answer.final else None), ""
+    def opener() -> tuple[Method, Callable[[], None]]:
+        call = ProcessCall(services)
 
-    return call
+        def on_message(message: bytes) -> Reply:
+            try:
+                answer = call.handle(parse(message))
+            except (DecodeError, MalformedRequest) as exc:
+                return None, INVALID_ARGUMENT, str(exc)
+            except Exception:  # a bug must fail this call only, not every call on the connection
+                log.exception("processing failed")
+                return None, INTERNAL, "internal error"
+            if answer is None:  # observed: Envoy waits for nothing
+                return None, None, ""
+            return answer.payload, (0 if answer.final else None), ""
+
+        return on_message, call.end
+
+    return opener
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -88,15 +88,15 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 def run(
     settings: ExtprocSettings,
     *,
-    source: PolicySource,
-    metrics: Metrics,
+    services: Services,
     health: Health,
     hooks: Hooks,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
     loop = _event_loop()
-    methods = {PROCESS_PATH: process_method(source, metrics), HEALTH_CHECK_PATH: health.check}
-    server = GrpcServer(methods)
+    server = GrpcServer(
+        {HEALTH_CHECK_PATH: health.check}, openers={PROCESS_PATH: process_opener(services)}
+    )
     try:
         if settings.socket is not None:
             unixsocket.prepare(settings.socket)

@@ -16,6 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from extproc.config.model import Endpoint
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import Answer
+from extproc.usage.parse import Usage
 
 
 class Metrics:
@@ -56,6 +57,43 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="min",
         )
+
+        self.usage_requests = Counter(
+            "gateway_usage_requests",
+            "Responses observed on metered routes, by who paid and whether the provider "
+            "reported token usage (tokens: known or unknown, never guessed).",
+            ["route", "client", "credential_source", "model", "tokens"],
+            registry=self.registry,
+        )
+        self.usage_tokens = Counter(
+            "gateway_usage_tokens",
+            "Tokens the provider reported, by type (input, output, cache_creation, cache_read).",
+            ["route", "client", "credential_source", "model", "type"],
+            registry=self.registry,
+        )
+        self.limits_store_up = Gauge(
+            "gateway_limits_store_up",
+            "1 while the shared limits store answers; 0 while limits count locally.",
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+        self.limits_lost = Counter(
+            "gateway_limits_counts_lost",
+            "Counts not kept while the limits store was away (beyond the pending bound).",
+            registry=self.registry,
+        )
+
+    def usage(self, route: str, client: str, source: str, model: str, usage: Usage) -> None:
+        """One observed response (a ``UsageSink``)."""
+        known = "known" if usage.known else "unknown"
+        self.usage_requests.labels(route, client, source, model, known).inc()
+        for kind, count in usage.by_type().items():
+            self.usage_tokens.labels(route, client, source, model, kind).inc(count)
+
+    def store_synced(self, ok: bool, lost: int) -> None:
+        self.limits_store_up.set(1 if ok else 0)
+        if lost:
+            self.limits_lost.inc(lost)
 
     def decided(self, answer: Answer, seconds: float) -> None:
         """Count one decision; label children are cached (``labels()`` is a locked lookup)."""

@@ -9,46 +9,36 @@ nothing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from typing import Protocol
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
-from extproc.policy.compiled import Policy
-from extproc.policy.processor import MalformedRequest, process
-from extproc.server.metrics import Metrics
-
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-
-
-class PolicySource(Protocol):
-    """Anything holding the current policy; reading ``policy`` must be one atomic load."""
-
-    @property
-    def policy(self) -> Policy: ...
+from extproc.policy.processor import MalformedRequest
+from extproc.server.calls import SERVICE_NAME, ProcessCall, Services
 
 
 class ExternalProcessor:
-    def __init__(self, source: PolicySource, metrics: Metrics) -> None:
-        self._source = source
-        self._metrics = metrics
+    def __init__(self, services: Services) -> None:
+        self._services = services
 
     def Process(
         self, requests: Iterator[ext_proc.ProcessingRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        for request in requests:
-            start = time.perf_counter()
-            try:
-                answer = process(self._source.policy, request)
-            except MalformedRequest as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if answer.outcome is not None:
-                self._metrics.decided(answer, time.perf_counter() - start)
-            yield answer.payload
-            if answer.final:
-                return  # nothing more to decide for this request: free the stream
+        call = ProcessCall(self._services)
+        try:
+            for request in requests:
+                try:
+                    answer = call.handle(request)
+                except MalformedRequest as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if answer is None:  # observed: Envoy waits for nothing
+                    continue
+                yield answer.payload
+                if answer.final:
+                    return  # nothing more to decide for this request: free the stream
+        finally:
+            call.end()
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(

@@ -31,7 +31,7 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
@@ -72,7 +72,8 @@ class Reply:
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
-    chunks: tuple[bytes, ...] | None = None  # instead of body: sent chunked, one write each
+    # instead of body: sent chunked, one write each (an iterator may wait between chunks)
+    chunks: Iterable[bytes] | None = None
 
 
 Responder = Callable[[RecordedRequest], Reply]

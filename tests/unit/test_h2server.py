@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness.messages import header_map, headers_request, two_route_policy
 
 from extproc.server import h2wire as w
+from extproc.server.calls import Services
 from extproc.server.h2server import (
     MAX_MESSAGE,
     MAX_STREAMS,
@@ -38,7 +39,7 @@ from extproc.server.h2server import (
     GrpcServer,
 )
 from extproc.server.h2wire import HeaderDecoder
-from extproc.server.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_method
+from extproc.server.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_opener
 from extproc.server.metrics import Metrics
 
 
@@ -56,8 +57,10 @@ def lean(tmp_path: Path) -> Iterator[Running]:
     source, names = two_route_policy(tmp_path)
     health = Health()
     health.set("", True)
-    methods = {PROCESS_PATH: process_method(source, Metrics()), HEALTH_CHECK_PATH: health.check}
-    server = GrpcServer(methods)
+    server = GrpcServer(
+        {HEALTH_CHECK_PATH: health.check},
+        openers={PROCESS_PATH: process_opener(Services(source, Metrics()))},
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -12,6 +12,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from harness.messages import headers_request, two_route_policy
 
+from extproc.server.calls import Services
 from extproc.server.metrics import Metrics
 from extproc.server.servicer import ExternalProcessor
 
@@ -23,7 +24,7 @@ METHOD = SERVICE.methods_by_name["Process"]
 def setup(tmp_path: Path) -> tuple[grpc_testing.Server, Metrics, dict[str, str]]:
     source, names = two_route_policy(tmp_path)
     metrics = Metrics()
-    servicer = ExternalProcessor(source, metrics)
+    servicer = ExternalProcessor(Services(source, metrics))
     server = grpc_testing.server_from_dictionary(
         {SERVICE: servicer}, grpc_testing.strict_real_time()
     )

@@ -1,0 +1,42 @@
+"""Limits as the policy holds them: looked up by client name, checked through ``Admission``.
+
+The counting itself (windows, requests in flight, a shared store) is the
+usage stage's ``Limiter``; the per-request path only asks it one question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from extproc.config.model import Limit, Limits, StoreFailure
+
+
+class Refusal(NamedTuple):
+    status: int  # 429 over a limit, 503 when limits cannot be checked (store down, closed)
+    limit: str  # the metric label: requests_per_minute, tokens, concurrent, store
+    retry_after: int  # seconds
+    message: str
+
+
+class Admission(Protocol):
+    def admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
+        """None to go on (the request is then counted), or why not."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LimitTable:
+    """The configured limits, by client name (a lookup, never a walk over clients)."""
+
+    default: Limit
+    clients: Mapping[str, Limit] = field(default_factory=dict)
+    on_store_error: StoreFailure = StoreFailure.OPEN
+
+    @classmethod
+    def of(cls, limits: Limits) -> LimitTable:
+        return cls(limits.default, dict(limits.clients), limits.on_store_error)
+
+    def for_client(self, client: str) -> Limit:
+        return self.clients.get(client, self.default)
