@@ -27,6 +27,10 @@ $(NODE_STAMP): package.json package-lock.json
 
 clients: $(NODE_STAMP) ## install the pinned Claude Code CLI into node_modules/ (npm ci) for tests/clients
 
+# Debian's redis-server: the shared limits store the tests run two gateways against.
+redis: ## install Debian's redis-server (apt-get) if it is missing
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
 run: $(STAMP) ## run the gateway (ext_proc + Envoy) with CONFIG (default: the example)
 	$(BIN)/python -m extproc up $(CONFIG)
 
@@ -36,7 +40,7 @@ validate: $(STAMP) ## check CONFIG and its secrets
 render: $(STAMP) ## print the Envoy bootstrap for CONFIG
 	$(BIN)/python -m extproc render $(CONFIG)
 
-test: $(STAMP) $(NODE_STAMP) ## run the whole test suite (real Envoy, gRPC, TLS; free ports)
+test: $(STAMP) $(NODE_STAMP) redis ## run the whole test suite (real Envoy, gRPC, TLS, Redis; free ports)
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: $(STAMP) ## ruff and mypy
@@ -48,10 +52,14 @@ bench: $(STAMP) ## benchmark the gateway against bare Envoy (installs Debian's w
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py
 
+bench-scale: $(STAMP) ## how costs grow with gateway clients (10 … 100,000) and routes (10 … 1,000); ~4 min
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/run.py --scale --duration 5
+
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/unit/test_golden.py -q
 
-.PHONY: help install clients run validate render test lint bench golden
+.PHONY: help install clients redis run validate render test lint bench bench-scale golden
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \

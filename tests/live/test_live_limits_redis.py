@@ -1,0 +1,158 @@
+"""Limits that hold across replicas: two gateways sharing one real ``redis-server``.
+
+Each gateway (processor + Envoy) counts locally and syncs with Redis every
+``sync_ms`` off the request path, so a client's limit holds over both within
+the documented overshoot; with Redis gone, limits behave as configured
+(``on_store_error``) and a client's own key is never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import Gateway, RecordingUpstream, credential_route, free_port
+from harness.adversary import scrape, write_keys
+from harness.fakeapi import anthropic_api
+from harness.redis import RedisServer
+
+ALICE = "gk-alice-redis-key"
+SERVER = "sk-ant-server-redis"
+OWN = "sk-ant-api03-own-redis"
+MESSAGE = {
+    "model": "claude-sonnet-5-5",
+    "max_tokens": 8,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+SYNC_MS = 50
+LIMIT = 8
+
+pytestmark = pytest.mark.slow  # starts real Envoy, processor and redis-server processes
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+def two_gateways(
+    start_gateway: Callable[..., Gateway],
+    upstream: RecordingUpstream,
+    tmp_path: Path,
+    redis: RedisServer,
+    on_store_error: str = "open",
+) -> list[tuple[Gateway, int]]:
+    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
+    gateways = []
+    for _ in range(2):
+        metrics = free_port()
+        top: dict[str, Any] = {
+            "metering": True,
+            "access": {"keys_file": str(tmp_path / "keys.txt")},
+            "metrics": {"address": "127.0.0.1", "port": metrics},
+            "limits": {
+                "store": redis.url,
+                "sync_ms": SYNC_MS,
+                "on_store_error": on_store_error,
+                "default": {"requests_per_minute": LIMIT},
+            },
+        }
+        routes = [credential_route("anthropic", upstream.url(), prefix="/anthropic")]
+        gateways.append((start_gateway(routes, env={"ANTHROPIC_KEY": SERVER}, top=top), metrics))
+    return gateways
+
+
+def post(gateway: Gateway, key: str) -> int:
+    with httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+        return client.post(
+            "/anthropic/v1/messages", json=MESSAGE, headers={"x-api-key": key}
+        ).status_code
+
+
+def away_from_a_minute_boundary(needed_s: float) -> None:
+    """Requests-per-minute windows are aligned to the minute: do not let a test straddle one."""
+    left = 60 - time.time() % 60
+    if left < needed_s:
+        time.sleep(left + 0.2)
+
+
+def gauge(port: int, name: str) -> float:
+    for line in scrape(port).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on the metrics page")
+
+
+def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("not reached in time")
+        time.sleep(0.05)
+
+
+def test_a_clients_limit_holds_across_two_gateways(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+    redis: RedisServer,
+) -> None:
+    upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
+    gateways = two_gateways(start_gateway, upstream, tmp_path, redis)
+    away_from_a_minute_boundary(15)
+    admitted = 0
+    for n in range(3 * LIMIT):  # one request per sync interval, alternating gateways
+        status = post(gateways[n % 2][0], ALICE)
+        assert status in (200, 429)
+        admitted += status == 200
+        time.sleep(2 * SYNC_MS / 1000)
+    # paced like this each gateway has seen the other's count before its next request:
+    # the documented overshoot (requests per sync interval x other replicas) is at most 1
+    assert LIMIT <= admitted <= LIMIT + 1
+    assert len(upstream.requests) == admitted
+    assert all(post(gateway, OWN) == 200 for gateway, _ in gateways)  # never limited
+
+
+def test_with_redis_gone_limits_count_locally_and_catch_up_when_it_is_back(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+    redis: RedisServer,
+) -> None:
+    upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
+    (gateway, metrics), _ = two_gateways(start_gateway, upstream, tmp_path, redis)
+    away_from_a_minute_boundary(20)
+    assert post(gateway, ALICE) == 200
+    eventually(lambda: b"credential-gateway:alice:requests" in redis.command("KEYS", "*"))
+    key = redis.command("KEYS", "credential-gateway:alice:requests:*").split(b"\r\n")[2].decode()
+    eventually(lambda: redis.command("GET", key) == b"$1\r\n1\r\n")
+    redis.stop()
+    eventually(lambda: gauge(metrics, "gateway_limits_store_up") == 0)
+    during = [post(gateway, ALICE) for _ in range(3)]
+    assert during == [200, 200, 200]  # fail-open: counted locally, under the limit
+    assert post(gateway, OWN) == 200
+    redis.start()  # empty: this Redis keeps nothing on disk, so the first count is gone
+    eventually(lambda: gauge(metrics, "gateway_limits_store_up") == 1)
+    eventually(lambda: redis.command("GET", key) == b"$1\r\n3\r\n")  # what was counted meanwhile
+
+
+def test_with_redis_gone_and_fail_closed_only_limited_spending_is_refused(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+    redis: RedisServer,
+) -> None:
+    upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
+    (gateway, metrics), _ = two_gateways(start_gateway, upstream, tmp_path, redis, "closed")
+    assert post(gateway, ALICE) == 200
+    redis.stop()
+    eventually(lambda: gauge(metrics, "gateway_limits_store_up") == 0)
+    assert post(gateway, ALICE) == 503
+    assert post(gateway, OWN) == 200  # a client's own key never waits on the store
+    redis.start()
+    eventually(lambda: post(gateway, ALICE) == 200)
