@@ -108,6 +108,7 @@ _LISTENER = [
 ]  # fmt: skip
 _EXTPROC = [
     "address", "port", "socket", "failure_mode", "timeout_ms", "workers", "fast_path", "server",
+    "max_connections", "idle_timeout_s", "memory_budget_mb",
 ]  # fmt: skip
 _ROUTE = [
     "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
@@ -201,6 +202,9 @@ class _Parser:
             "workers": s.integer("workers", 1, 1, 64),
             "fast_path": s.flag("fast_path", True),
             "server": s.choice("server", model.ServerKind, model.ServerKind.LEAN),
+            "max_connections": s.integer("max_connections", 128, 4, 100000),
+            "idle_timeout_s": s.integer("idle_timeout_s", 300, 10, 86400),
+            "memory_budget_mb": s.integer("memory_budget_mb", 64, 4, 16384),
         }
         socket = self._path(s, "socket")
         if socket is not None and (s.has("address") or s.has("port")):

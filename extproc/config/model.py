@@ -95,6 +95,9 @@ class ExtprocSettings:
     fast_path: bool = True  # skip the processor in Envoy when a client credential is present
     server: ServerKind = ServerKind.LEAN
     socket: Path | None = None  # listen on this Unix socket (mode 0660) instead of address:port
+    max_connections: int = 128  # lean server: more are refused (GOAWAY ENHANCE_YOUR_CALM)
+    idle_timeout_s: int = 300  # lean server: a connection with no call this long is closed
+    memory_budget_mb: int = 64  # lean server: unfinished messages held over all connections
 
     @property
     def target(self) -> str:

@@ -19,7 +19,7 @@ from extproc.config.model import ExtprocSettings
 from extproc.policy.processor import MalformedRequest
 from extproc.server import unixsocket
 from extproc.server.calls import SERVICE_NAME, ProcessCall, Services
-from extproc.server.h2server import GrpcServer, Method, Opener, Reply
+from extproc.server.h2server import GrpcServer, Limits, Method, Opener, Reply
 from extproc.server.lifecycle import Hooks
 
 log = logging.getLogger("extproc")
@@ -94,8 +94,15 @@ def run(
 ) -> int:
     """Serve until SIGTERM/SIGINT, then NOT_SERVING and a graceful stop; returns the exit code."""
     loop = _event_loop()
+    limits = Limits(
+        max_connections=settings.max_connections,
+        idle_timeout_s=settings.idle_timeout_s,
+        memory_budget=settings.memory_budget_mb << 20,
+    )
     server = GrpcServer(
-        {HEALTH_CHECK_PATH: health.check}, openers={PROCESS_PATH: process_opener(services)}
+        {HEALTH_CHECK_PATH: health.check},
+        limits,
+        openers={PROCESS_PATH: process_opener(services)},
     )
     try:
         if settings.socket is not None:
