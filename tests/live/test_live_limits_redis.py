@@ -115,6 +115,8 @@ def test_a_clients_limit_holds_across_two_gateways(
     # the documented overshoot (requests per sync interval x other replicas) is at most 1
     assert LIMIT <= admitted <= LIMIT + 1
     assert len(upstream.requests) == admitted
+    # both workers count through the store (each has its own connection to it)
+    assert redis.command("CLIENT", "LIST").count(b"cmd=") >= 3  # 2 workers + this command
     assert all(post(gateway, OWN) == 200 for gateway, _ in gateways)  # never limited
 
 
@@ -156,3 +158,33 @@ def test_with_redis_gone_and_fail_closed_only_limited_spending_is_refused(
     assert post(gateway, OWN) == 200  # a client's own key never waits on the store
     redis.start()
     eventually(lambda: post(gateway, ALICE) == 200)
+
+
+def test_workers_share_one_limit_through_the_store(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+    redis: RedisServer,
+) -> None:
+    upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
+    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
+    top = {
+        "metering": True,
+        "access": {"keys_file": str(tmp_path / "keys.txt")},
+        "limits": {
+            "store": redis.url,
+            "sync_ms": SYNC_MS,
+            "default": {"requests_per_minute": LIMIT},
+        },
+    }
+    routes = [credential_route("anthropic", upstream.url(), prefix="/anthropic")]
+    gateway = start_gateway(routes, env={"ANTHROPIC_KEY": SERVER}, top=top, extproc={"workers": 2})
+    away_from_a_minute_boundary(15)
+    admitted = 0
+    for _ in range(3 * LIMIT):  # new connections, so Envoy spreads calls over both workers
+        admitted += post(gateway, ALICE) == 200
+        time.sleep(2 * SYNC_MS / 1000)
+    assert LIMIT <= admitted <= LIMIT + 1
+    assert len(upstream.requests) == admitted
+    # both workers count through the store (each has its own connection to it)
+    assert redis.command("CLIENT", "LIST").count(b"cmd=") >= 3  # 2 workers + this command
