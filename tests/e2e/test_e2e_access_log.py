@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import RecordingUpstream, credential_route, http1
+from harness import RecordingUpstream, http1
 from harness.gateway import ROOT
-from harness.liveops import UpProcess, poll
+from harness.liveops import UpProcess, poll, running_up
 
 from extproc.runtime.processes import FILE_FLUSH_INTERVAL_MS
 
@@ -30,16 +30,8 @@ FLAG = "--file-flush-interval-msec"
 def up(
     tmp_path: Path, upstream: RecordingUpstream, watch: Callable[..., None]
 ) -> Iterator[UpProcess]:
-    process = UpProcess(
-        tmp_path / "up",
-        [credential_route("anthropic", upstream.url())],
-        env={"ANTHROPIC_KEY": SERVER_KEY},
-    )
-    watch(process)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with running_up(tmp_path / "up", upstream, watch, SERVER_KEY) as process:
+        yield process
 
 
 def access_log_entries(up: UpProcess, path: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import yaml
 from harness import Gateway, RecordingUpstream, credential_route, free_port
 from harness.adversary import scrape, write_keys
 from harness.fakeapi import REPLY_TEXT, anthropic_api, openai_api
+from harness.liveops import metric_sum, poll
 from harness.upstream import RecordedRequest, Reply, Responder
 
 ALICE, BOB = "gk-alice-usage-key", "gk-bob-usage-key"
@@ -38,31 +39,8 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
 
 
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """``name``'s samples on a Prometheus text page, by their labels."""
-    found = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name) + 1 :].rsplit("} ", 1)
-            pairs = [p.split("=", 1) for p in labels.split('",') if p]
-            found[tuple((k, v.strip('"')) for k, v in pairs)] = float(value)
-    return found
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for key, value in samples(text, name).items()
-        if all(dict(key).get(k) == v for k, v in labels.items())
-    )
-
-
-def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("not reached in time")
-        time.sleep(0.05)
+def eventually(check: Callable[[], bool]) -> None:
+    poll(check, bool, "reached")
 
 
 def held(release: threading.Event) -> Responder:
@@ -161,23 +139,23 @@ def test_usage_is_counted_by_client_by_who_paid_and_by_model(metered: Metered) -
         ).status_code
         == 200
     )
-    eventually(lambda: total(metered.page(), "gateway_usage_requests_total") >= 4)
+    eventually(lambda: metric_sum(metered.page(), "gateway_usage_requests_total") >= 4)
     page = metered.page()
     requests, tokens = "gateway_usage_requests_total", "gateway_usage_tokens_total"
-    assert total(page, requests, client="alice", credential_source="injected", tokens="known",
+    assert metric_sum(page, requests, client="alice", credential_source="injected", tokens="known",
                  model="claude-sonnet-5-5") == 2  # fmt: skip
     assert (
-        total(page, requests, client="alice", tokens="unknown", model="unknown") == 1
+        metric_sum(page, requests, client="alice", tokens="unknown", model="unknown") == 1
     )  # count_tokens
-    assert total(page, requests, client="", credential_source="client", tokens="known") == 1
+    assert metric_sum(page, requests, client="", credential_source="client", tokens="known") == 1
     assert (
-        total(page, tokens, client="alice", credential_source="injected", type="output")
+        metric_sum(page, tokens, client="alice", credential_source="injected", type="output")
         == 2 * OUTPUT
     )
-    assert total(page, tokens, credential_source="client", type="output") == OUTPUT
+    assert metric_sum(page, tokens, credential_source="client", type="output") == OUTPUT
     assert (
-        total(page, tokens, client="alice", type="input")
-        == 2 * total(page, tokens, credential_source="client", type="input")
+        metric_sum(page, tokens, client="alice", type="input")
+        == 2 * metric_sum(page, tokens, credential_source="client", type="input")
         > 0
     )
 
@@ -191,12 +169,14 @@ def test_openai_usage_from_json_and_from_the_final_stream_chunk(metered: Metered
         "[DONE]"
         in metered.post("/openai/chat/completions", {**CHAT, "stream": True}, **bearer).text
     )
-    eventually(lambda: total(metered.page(), "gateway_usage_requests_total", route="openai") >= 3)
+    eventually(
+        lambda: metric_sum(metered.page(), "gateway_usage_requests_total", route="openai") >= 3
+    )
     page = metered.page()
-    assert total(page, "gateway_usage_requests_total", route="openai", tokens="known") == 2
-    assert total(page, "gateway_usage_requests_total", route="openai", tokens="unknown") == 1
+    assert metric_sum(page, "gateway_usage_requests_total", route="openai", tokens="known") == 2
+    assert metric_sum(page, "gateway_usage_requests_total", route="openai", tokens="unknown") == 1
     assert (
-        total(
+        metric_sum(
             page, "gateway_usage_tokens_total", route="openai", client="alice", model="gpt-4o-mini"
         )
         > 0
@@ -220,13 +200,13 @@ def test_a_stream_cut_by_the_client_counts_what_was_reported_before_the_cut(
         while b"message_start" not in seen:
             seen += conn.recv(65536)
     setup.release.set()
-    eventually(lambda: total(setup.page(), "gateway_usage_requests_total") >= 1)
+    eventually(lambda: metric_sum(setup.page(), "gateway_usage_requests_total") >= 1)
     page = setup.page()
-    assert total(page, "gateway_usage_requests_total", client="alice", tokens="known") == 1
+    assert metric_sum(page, "gateway_usage_requests_total", client="alice", tokens="known") == 1
     assert (
-        total(page, "gateway_usage_tokens_total", client="alice", type="output") == 1
+        metric_sum(page, "gateway_usage_tokens_total", client="alice", type="output") == 1
     )  # from message_start
-    assert total(page, "gateway_usage_tokens_total", client="alice", type="input") > 0
+    assert metric_sum(page, "gateway_usage_tokens_total", client="alice", type="input") > 0
 
 
 # -- limits ------------------------------------------------------------------------------------
@@ -277,10 +257,10 @@ def test_a_token_budget_stops_the_client_once_what_was_counted_reaches_it(
     setup = start(start_gateway, start_upstream, tmp_path, limits)
     setup.release.set()
     assert setup.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": ALICE}).status_code == 200
-    eventually(lambda: total(setup.page(), "gateway_usage_requests_total") >= 1)
+    eventually(lambda: metric_sum(setup.page(), "gateway_usage_requests_total") >= 1)
     # one response used more than half the budget, but less than all: the next may start
     assert setup.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": ALICE}).status_code == 200
-    eventually(lambda: total(setup.page(), "gateway_usage_requests_total") >= 2)
+    eventually(lambda: metric_sum(setup.page(), "gateway_usage_requests_total") >= 2)
     assert_limited(setup.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": ALICE}))
     assert (
         setup.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": BOB}).status_code == 200

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc.config.model import Endpoint
 from extproc.runtime import processes
 from harness.clients import http1, http2
-from harness.gateway import ROOT, Gateway, Route, base_env
+from harness.gateway import ROOT, Gateway, Route, base_env, credential_route
 from harness.ports import free_port
 from harness.upstream import RecordedRequest, RecordingUpstream
 
@@ -165,6 +166,16 @@ def metric(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and labels.items() <= sample.labels.items():
                 return float(sample.value)
     return None
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels`` (0 if none)."""
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def health(address: str, service: str = "") -> int:
@@ -522,6 +533,22 @@ class UpProcess:
         config = self.config_path.read_text() if self.config_path.exists() else ""
         tail = "\n".join(self.output().splitlines()[-200:])
         return f"--- {self.config_path}\n{config}\n--- {self.log} (last 200 lines)\n{tail}"
+
+
+@contextmanager
+def running_up(
+    workdir: Path, upstream: RecordingUpstream, watch: Callable[..., None], server_key: str
+) -> Iterator[UpProcess]:
+    """``up`` with one credential route to ``upstream``; stopped (held streams let go) after."""
+    process = UpProcess(
+        workdir, [credential_route("anthropic", upstream.url())], env={"ANTHROPIC_KEY": server_key}
+    )
+    watch(process)
+    try:
+        yield process.start()
+    finally:
+        upstream.sse_release.set()  # a failed test must not leave streams held
+        process.stop()
 
 
 def accepts_connections(port: int) -> bool:

@@ -18,6 +18,7 @@ import pytest
 from harness import Gateway, RecordingUpstream, credential_route, free_port
 from harness.adversary import scrape, write_keys
 from harness.fakeapi import anthropic_api
+from harness.liveops import metric_sum, poll
 from harness.redis import RedisServer
 
 ALICE = "gk-alice-redis-key"
@@ -40,6 +41,32 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
+def limited_gateway(
+    start_gateway: Callable[..., Gateway],
+    upstream: RecordingUpstream,
+    tmp_path: Path,
+    redis: RedisServer,
+    on_store_error: str = "open",
+    **options: Any,
+) -> tuple[Gateway, int]:
+    """A gateway (and its metrics port) whose limits count in ``redis``."""
+    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
+    metrics = free_port()
+    top: dict[str, Any] = {
+        "metering": True,
+        "access": {"keys_file": str(tmp_path / "keys.txt")},
+        "metrics": {"address": "127.0.0.1", "port": metrics},
+        "limits": {
+            "store": redis.url,
+            "sync_ms": SYNC_MS,
+            "on_store_error": on_store_error,
+            "default": {"requests_per_minute": LIMIT},
+        },
+    }
+    routes = [credential_route("anthropic", upstream.url(), prefix="/anthropic")]
+    return start_gateway(routes, env={"ANTHROPIC_KEY": SERVER}, top=top, **options), metrics
+
+
 def two_gateways(
     start_gateway: Callable[..., Gateway],
     upstream: RecordingUpstream,
@@ -47,24 +74,9 @@ def two_gateways(
     redis: RedisServer,
     on_store_error: str = "open",
 ) -> list[tuple[Gateway, int]]:
-    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
-    gateways = []
-    for _ in range(2):
-        metrics = free_port()
-        top: dict[str, Any] = {
-            "metering": True,
-            "access": {"keys_file": str(tmp_path / "keys.txt")},
-            "metrics": {"address": "127.0.0.1", "port": metrics},
-            "limits": {
-                "store": redis.url,
-                "sync_ms": SYNC_MS,
-                "on_store_error": on_store_error,
-                "default": {"requests_per_minute": LIMIT},
-            },
-        }
-        routes = [credential_route("anthropic", upstream.url(), prefix="/anthropic")]
-        gateways.append((start_gateway(routes, env={"ANTHROPIC_KEY": SERVER}, top=top), metrics))
-    return gateways
+    return [
+        limited_gateway(start_gateway, upstream, tmp_path, redis, on_store_error) for _ in range(2)
+    ]
 
 
 def post(gateway: Gateway, key: str) -> int:
@@ -82,18 +94,11 @@ def away_from_a_minute_boundary(needed_s: float) -> None:
 
 
 def gauge(port: int, name: str) -> float:
-    for line in scrape(port).splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not on the metrics page")
+    return metric_sum(scrape(port), name)
 
 
-def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("not reached in time")
-        time.sleep(0.05)
+def eventually(check: Callable[[], bool]) -> None:
+    poll(check, bool, "reached")
 
 
 def test_a_clients_limit_holds_across_two_gateways(
@@ -167,18 +172,7 @@ def test_workers_share_one_limit_through_the_store(
     redis: RedisServer,
 ) -> None:
     upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
-    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
-    top = {
-        "metering": True,
-        "access": {"keys_file": str(tmp_path / "keys.txt")},
-        "limits": {
-            "store": redis.url,
-            "sync_ms": SYNC_MS,
-            "default": {"requests_per_minute": LIMIT},
-        },
-    }
-    routes = [credential_route("anthropic", upstream.url(), prefix="/anthropic")]
-    gateway = start_gateway(routes, env={"ANTHROPIC_KEY": SERVER}, top=top, extproc={"workers": 2})
+    gateway, _ = limited_gateway(start_gateway, upstream, tmp_path, redis, extproc={"workers": 2})
     away_from_a_minute_boundary(15)
     admitted = 0
     for _ in range(3 * LIMIT):  # new connections, so Envoy spreads calls over both workers

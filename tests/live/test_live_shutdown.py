@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from harness import RecordingUpstream, credential_route, http1, sse_event, sse_events
-from harness.liveops import DEADLINE_S, UpProcess, accepts_connections, poll
+from harness import RecordingUpstream, http1, sse_event, sse_events
+from harness.liveops import DEADLINE_S, UpProcess, accepts_connections, poll, running_up
 
 SERVER_KEY = "sk-ant-api03-shutdown-server-key"
 STREAMS = 3
@@ -64,17 +64,8 @@ class Stream:
 def up(
     tmp_path: Path, upstream: RecordingUpstream, watch: Callable[..., None]
 ) -> Iterator[UpProcess]:
-    process = UpProcess(
-        tmp_path / "up",
-        [credential_route("anthropic", upstream.url())],
-        env={"ANTHROPIC_KEY": SERVER_KEY},
-    )
-    watch(process)
-    try:
-        yield process.start()
-    finally:
-        upstream.sse_release.set()  # a failed test must not leave streams held
-        process.stop()
+    with running_up(tmp_path / "up", upstream, watch, SERVER_KEY) as process:
+        yield process
 
 
 def test_sigterm_to_up_lets_streams_in_flight_finish_refuses_new_connections_and_exits_0_with_both_children_gone(

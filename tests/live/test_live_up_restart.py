@@ -20,8 +20,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import RecordingUpstream, credential_route, http1
-from harness.liveops import DEADLINE_S, Child, UpProcess, children, poll, write_atomically
+from harness import RecordingUpstream, http1
+from harness.liveops import (
+    DEADLINE_S,
+    Child,
+    UpProcess,
+    children,
+    poll,
+    running_up,
+    write_atomically,
+)
 
 SERVER_KEY = "sk-ant-api03-up-restart-server-key"
 PATH = "/anthropic/v1/messages"
@@ -34,16 +42,8 @@ pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
 def up(
     tmp_path: Path, upstream: RecordingUpstream, watch: Callable[..., None]
 ) -> Iterator[UpProcess]:
-    process = UpProcess(
-        tmp_path / "up",
-        [credential_route("anthropic", upstream.url())],
-        env={"ANTHROPIC_KEY": SERVER_KEY},
-    )
-    watch(process)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with running_up(tmp_path / "up", upstream, watch, SERVER_KEY) as process:
+        yield process
 
 
 def child(up: UpProcess, is_envoy: bool) -> Child:
