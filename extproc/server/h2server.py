@@ -88,10 +88,13 @@ class Pool:
     """What the connections of one server share: methods, limits, and who holds what."""
 
     def __init__(
-        self, methods: Mapping[bytes, Method], limits: Limits, openers: Mapping[bytes, Opener]
+        self,
+        methods: Mapping[bytes, Method],
+        limits: Limits,
+        openers: Mapping[bytes, Opener] | None = None,
     ) -> None:
         self.methods = methods
-        self.openers = openers
+        self.openers = openers or {}
         self.limits = limits
         self.connections: set[GrpcConnection] = set()
         self.held = 0  # bytes of unfinished messages over all connections
@@ -762,7 +765,7 @@ class GrpcServer:
         limits: Limits | None = None,
         openers: Mapping[bytes, Opener] | None = None,
     ) -> None:
-        self.pool = Pool(methods, limits or Limits(), openers or {})
+        self.pool = Pool(methods, limits or Limits(), openers)
         self._connections = self.pool.connections
         self._server: asyncio.Server | None = None
 
