@@ -13,9 +13,11 @@ import asyncio
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import h2.config
@@ -37,6 +39,7 @@ from extproc.server.h2server import (
     STREAM_WINDOW,
     GrpcConnection,
     GrpcServer,
+    Method,
 )
 from extproc.server.h2wire import HeaderDecoder
 from extproc.server.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_opener
@@ -558,3 +561,89 @@ def test_bad_stream_window_updates_reset_only_that_stream(
     peer.send(peer.headers(3), raw_frame(w.DATA, 0, 3, request))
     assert pb.ProcessingResponse.FromString(peer.until(w.DATA, 3)[5:]).HasField("request_headers")
     peer.close()
+
+
+# -- calls with state: an opener's end hook runs once, however the call ends ---------------------
+
+
+@pytest.fixture
+def ends() -> Iterator[tuple[int, list[str]]]:
+    """A server whose /test.Echo/Open answers each message and records each call's end."""
+    ended: list[str] = []
+
+    def opener() -> tuple[Method, Callable[[], None]]:
+        return (lambda message: (message, None, "")), lambda: ended.append("end")
+
+    server = GrpcServer({}, openers={b"/test.Echo/Open": opener})
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0, False), loop).result(5)
+    yield server.port, ended
+    asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def _echo(channel: grpc.Channel) -> Callable[..., Any]:
+    return channel.stream_stream(
+        "/test.Echo/Open", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+
+
+def _until(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not check():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.01)
+
+
+def test_the_end_hook_runs_once_when_the_client_ends_the_call(ends: tuple[int, list[str]]) -> None:
+    port, ended = ends
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert list(_echo(channel)(iter([b"a", b"b"]))) == [b"a", b"b"]
+    _until(lambda: ended == ["end"])
+    time.sleep(0.1)
+    assert ended == ["end"]
+
+
+def test_the_end_hook_runs_once_when_the_client_cancels(ends: tuple[int, list[str]]) -> None:
+    port, ended = ends
+    hold = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield b"first"
+        hold.wait(5)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = _echo(channel)(requests())
+        assert next(call) == b"first"
+        call.cancel()
+        _until(lambda: ended == ["end"])
+        hold.set()
+    time.sleep(0.1)
+    assert ended == ["end"]
+
+
+def test_the_end_hook_runs_when_the_connection_is_lost(ends: tuple[int, list[str]]) -> None:
+    port, ended = ends
+    peer = H2Peer(port)
+    peer.open_call(1, b"/test.Echo/Open")
+    peer.send_all(1, grpc_frame(b"x"))
+    assert received(peer.events_until(h2.events.DataReceived, 1), 1) == grpc_frame(b"x")
+    assert ended == []
+    peer.close()
+    _until(lambda: ended == ["end"])
+
+
+def test_an_observed_call_is_answered_with_nothing_and_ends_ok(lean: Running) -> None:
+    observed = [
+        pb.ProcessingRequest(
+            observability_mode=True, request_headers=headers_request(lean.route).request_headers
+        ),
+        pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(body=b"{}")),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{lean.port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process(iter(observed))
+        assert list(call) == []
+        assert call.code() is grpc.StatusCode.OK
