@@ -63,10 +63,11 @@ golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a d
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \
-		docker compose up --build --detach
+		REDIS_PASSWORD="$${REDIS_PASSWORD-}" docker compose up --build --detach
 
+# --profile: the Redis of COMPOSE_PROFILES=shared-limits goes too, whether it runs or not.
 compose-down: ## stop the compose stack (Envoy drains first) and remove it
-	docker compose down --volumes
+	docker compose --profile shared-limits down --volumes
 
 k8s-render: ## print the Kubernetes manifests that `kubectl apply -k deploy/kubernetes` applies
 	kubectl kustomize deploy/kubernetes

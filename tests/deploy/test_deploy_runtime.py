@@ -9,10 +9,15 @@ timeout that survives a loaded test machine and, where a request is sent, the
 upstreams pointed at a local recording server. Arguments, file names and every
 other setting come from the deploy files unchanged, so what runs here is what the
 containers run.
+
+Redis (compose's ``shared-limits`` profile, the Kubernetes component) runs as Debian's
+``redis-server`` under the deploy files' own command and health check, on a free
+loopback port that the gateway YAML's ``limits.store`` is pointed at.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,20 +25,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 import yaml
 from harness import RecordingUpstream, base_env, free_port
+from harness.adversary import write_keys
+from harness.redis import INSTALL_HINT
 from test_deploy_wiring import (
+    COMPOSE_LIMITS_BLOCK,
+    GATEWAY,
     INIT,
+    REDIS,
     Dockerfile,
     Json,
+    add_top_level,
     compose_config,
     compose_gateway_yaml,
     find,
     kustomize_build,
     option,
+    readme_yaml,
+    redis_manifests_with_shared_limits,
 )
 
 from extproc.config.load import load_config
@@ -43,7 +58,9 @@ from extproc.runtime import processes
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 30.0
-TEST_KEY = "sk-test-deploy-key-0123456789"
+TEST_KEY = "sk-test-deploy-key-0123456789"  # every secret file: the keys, Redis's password
+CLIENT, CLIENT_KEY = "alice", "gk-test-deploy-alice-0123456789"
+KEYS_FILE = "gateway-keys.txt"  # beside the gateway YAML, as a user would put it
 
 
 class Sandbox:
@@ -79,9 +96,16 @@ class Sandbox:
 
 
 def localize_gateway(
-    sandbox: Sandbox, container_path: str, text: str, upstream: str | None
+    sandbox: Sandbox,
+    container_path: str,
+    text: str,
+    upstream: str | None,
+    redis_port: int | None = None,
 ) -> GatewayConfig:
-    """Write the gateway YAML at ``container_path`` with free ports; returns the new config."""
+    """Write the gateway YAML at ``container_path`` with free ports; returns the new config.
+
+    A ``redis://`` store is pointed at ``redis_port`` on loopback, its database kept.
+    """
     original = yaml.safe_load(text)
     raw = yaml.safe_load(text)
     sections = [s for s in ("listener", "admin", "extproc", "metrics") if s in raw]
@@ -100,6 +124,12 @@ def localize_gateway(
             secret["file"] = str(sandbox.path(secret["file"]))
         if upstream is not None:
             route["upstream"] = upstream
+    limits = raw.get("limits") or {}
+    if "file" in limits.get("password", {}):
+        limits["password"]["file"] = str(sandbox.path(limits["password"]["file"]))
+    if redis_port is not None:
+        store = urlsplit(limits["store"])
+        limits["store"] = store._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
     admin = original["admin"]
     sandbox.words[f"{admin['address']}:{admin['port']}"] = f"127.0.0.1:{raw['admin']['port']}"
     target = sandbox.path(container_path)
@@ -116,13 +146,17 @@ def write_key(path: Path) -> None:
 # -- the two deployments as sandboxes ------------------------------------------------------
 
 
-def compose_sandbox(root: Path, upstream: str | None = None) -> tuple[Sandbox, Json, GatewayConfig]:
-    """Compose's mounts for all three services, the YAML localized; (sandbox, services, config)."""
+def compose_sandbox(
+    root: Path, upstream: str | None = None, extra: str = "", redis_port: int | None = None
+) -> tuple[Sandbox, Json, GatewayConfig]:
+    """Compose's mounts for every service, the YAML (plus ``extra``) localized;
+    (sandbox, services, config)."""
     compose = compose_config()
     services: Json = compose["services"]
     sandbox = Sandbox()
     config_path = option(services["extproc"]["command"], "serve")
     original = compose_gateway_yaml(compose, "extproc", config_path).read_text()
+    original = add_top_level(original, extra) if extra else original
     for service in services.values():
         for volume in service.get("volumes", []):
             target = volume["target"]
@@ -136,21 +170,18 @@ def compose_sandbox(root: Path, upstream: str | None = None) -> tuple[Sandbox, J
             sandbox.mount(target, host)
         for secret in service.get("secrets", []):
             write_key(sandbox.mount(secret["target"], root / "secrets" / secret["source"]))
-    config = localize_gateway(sandbox, config_path, original, upstream)
+    config = localize_gateway(sandbox, config_path, original, upstream, redis_port)
     return sandbox, services, config
 
 
-def pod_sandbox(
-    root: Path, upstream: str | None = None
-) -> tuple[Sandbox, dict[str, Json], GatewayConfig]:
-    """The pod's volumes as the kubelet fills them; (sandbox, containers by name, config)."""
-    manifests = kustomize_build()
-    pod = find(manifests, "Deployment")["spec"]["template"]["spec"]
-    by_name = {c["name"]: c for c in [*pod["initContainers"], *pod["containers"]]}
+def pod_volumes(
+    root: Path, manifests: list[Json], deployment: str
+) -> tuple[Sandbox, dict[str, Json]]:
+    """A pod's volumes, its ConfigMaps' files written; (sandbox, containers by name)."""
+    pod = find(manifests, "Deployment", deployment)["spec"]["template"]["spec"]
+    by_name = {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     sandbox = Sandbox()
-    config_path = option(by_name["extproc"]["args"], "serve")
-    gateway_text = ""
     for container in by_name.values():
         for mount in container.get("volumeMounts", []):
             folder = sandbox.mount(mount["mountPath"], root / mount["name"])
@@ -160,12 +191,29 @@ def pod_sandbox(
                 data = find(manifests, "ConfigMap", volume["configMap"]["name"])["data"]
                 for key, text in data.items():
                     (folder / key).write_text(text)
-                if PurePosixPath(config_path).parent == PurePosixPath(mount["mountPath"]):
-                    gateway_text = data[PurePosixPath(config_path).name]
-    config = localize_gateway(sandbox, config_path, gateway_text, upstream)
-    for route in config.routes:  # the Secret, with a key for each file the YAML names
+    return sandbox, by_name
+
+
+def pod_sandbox(
+    root: Path,
+    upstream: str | None = None,
+    manifests: list[Json] | None = None,
+    redis_port: int | None = None,
+    extra: str = "",
+) -> tuple[Sandbox, dict[str, Json], GatewayConfig]:
+    """The gateway pod's volumes as the kubelet fills them (the Secrets with a key for each
+    file the YAML names), the YAML (plus ``extra``) localized; (sandbox, containers, config)."""
+    manifests = kustomize_build() if manifests is None else manifests
+    sandbox, by_name = pod_volumes(root, manifests, GATEWAY)
+    config_path = option(by_name["extproc"]["args"], "serve")
+    gateway_text = sandbox.path(config_path).read_text()
+    gateway_text = add_top_level(gateway_text, extra) if extra else gateway_text
+    config = localize_gateway(sandbox, config_path, gateway_text, upstream, redis_port)
+    for route in config.routes:
         if route.credential and route.credential.secret.file:
             write_key(route.credential.secret.file)
+    if config.limits and config.limits.password and config.limits.password.file:
+        write_key(config.limits.password.file)
     return sandbox, by_name, config
 
 
@@ -375,3 +423,118 @@ def test_envoy_probes_fail_while_envoy_is_down(tmp_path: Path) -> None:
     envoy = containers["envoy"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert not succeeds(sandbox.command(envoy[probe]["exec"]["command"])), probe
+
+
+# -- shared limits: Redis ------------------------------------------------------------------
+
+
+def start_redis(
+    sandbox: Sandbox,
+    command: list[str],
+    health: list[str],
+    start: Callable[..., Process],
+    port: int,
+) -> redis.Redis:
+    """Debian's redis-server under a Redis container's command, on loopback ``port``, healthy
+    by the container's own check; returns a client with the password from the secret."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip(INSTALL_HINT)
+    sandbox.words[f"127.0.0.1:{option(command, '--port')}"] = f"127.0.0.1:{port}"
+    argv = sandbox.command(command)
+    argv[argv.index("--port") + 1] = str(port)
+    process = start("redis", [*argv, "--bind", "127.0.0.1"])
+    wait_until_succeeds(sandbox.command(health), process)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=port).ping()
+    wrong = sandbox.path(health[-1]).with_name("wrong-password")
+    wrong.write_text("not-the-password-0123456789")
+    assert not succeeds([*sandbox.command(health)[:-1], str(wrong)]), "a wrong password passes"
+    return redis.Redis(host="127.0.0.1", port=port, password=TEST_KEY)
+
+
+def access_yaml() -> str:
+    """Gateway keys beside the YAML (limits are per gateway client); see ``write_client_key``."""
+    return f"access: {{keys_file: {KEYS_FILE}}}\n"
+
+
+def write_client_key(config: GatewayConfig) -> None:
+    write_keys(config.source.parent / KEYS_FILE, {CLIENT: CLIENT_KEY})
+
+
+def spend_and_find_the_count(config: GatewayConfig, store: redis.Redis) -> None:
+    """A gateway client's request on the organisation's key, counted into ``store``."""
+    route = next(r for r in config.routes if r.credential)
+    url = f"http://127.0.0.1:{config.listener.port}{route.prefix}v1/models"
+    reply = httpx.get(url, headers={"x-api-key": CLIENT_KEY}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    wait_for(
+        lambda: any(CLIENT.encode() in key for key in store.scan_iter()),
+        f"{CLIENT}'s request count to reach Redis",
+    )
+
+
+def test_compose_shared_limits_count_in_the_profiles_redis(
+    tmp_path: Path, start: Callable[..., Process], upstream: RecordingUpstream
+) -> None:
+    """README.md's YAML for shared limits, with the profile's Redis (its command, secret
+    and health check): a gateway client's request is counted there by the processor."""
+    image = Dockerfile.parse()
+    port = free_port()
+    extra = readme_yaml(COMPOSE_LIMITS_BLOCK) + access_yaml()
+    sandbox, services, config = compose_sandbox(tmp_path, upstream.url(), extra, port)
+    redis_service = services["redis"]
+    health = redis_service["healthcheck"]["test"]
+    assert health[0] == "CMD"
+    store = start_redis(sandbox, redis_service["command"], health[1:], start, port)
+    write_client_key(config)
+    run_once("validate", [sys.executable, "-m", "extproc", "validate", str(config.source)])
+    run_once("render", sandbox.command(image.entrypoint + services["render"]["command"]))
+    processor = start("extproc", sandbox.command(image.entrypoint + services["extproc"]["command"]))
+    wait_until_succeeds(sandbox.command(image.healthcheck), processor)
+    envoy = start("envoy", sandbox.command(services["envoy"]["command"]))
+    wait_until_succeeds(sandbox.command(services["envoy"]["healthcheck"]["test"][1:]), envoy)
+    spend_and_find_the_count(config, store)
+
+
+def test_compose_redis_refuses_an_empty_password(tmp_path: Path) -> None:
+    """`make compose-up` passes an unset REDIS_PASSWORD as empty: Redis must not start open."""
+    sandbox, services, _ = compose_sandbox(tmp_path)
+    command = services["redis"]["command"]
+    sandbox.path(option(command, "run")).write_text("")
+    result = subprocess.run(
+        sandbox.command(command), env=base_env(), capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "expected 16 to 512 characters" in result.stderr
+
+
+def test_pod_shared_limits_count_in_the_components_redis(
+    tmp_path: Path, start: Callable[..., Process], upstream: RecordingUpstream
+) -> None:
+    """README.md's overlay and YAML: the component's Redis pod (command, Secret, probes) and
+    a gateway pod whose processor counts a client's request there."""
+    manifests = redis_manifests_with_shared_limits(tmp_path / "overlay")
+    port = free_port()
+    redis_sandbox, redis_containers = pod_volumes(tmp_path / "redis-pod", manifests, REDIS)
+    (container,) = redis_containers.values()
+    write_key(redis_sandbox.path(option(container["command"], "run")))  # the Secret
+    probe = container["startupProbe"]["exec"]["command"]
+    store = start_redis(redis_sandbox, container["command"], probe, start, port)
+    for name in ("readinessProbe", "livenessProbe"):
+        assert succeeds(redis_sandbox.command(container[name]["exec"]["command"])), name
+
+    entrypoint = Dockerfile.parse().entrypoint
+    sandbox, containers, config = pod_sandbox(
+        tmp_path / "gateway-pod", upstream.url(), manifests, port, access_yaml()
+    )
+    write_client_key(config)
+    run_once("validate", [sys.executable, "-m", "extproc", "validate", str(config.source)])
+    run_once("render", sandbox.command(entrypoint + containers["render"]["args"]))
+    sidecar = containers["extproc"]
+    processor = start("extproc", sandbox.command(entrypoint + sidecar["args"]))
+    wait_until_succeeds(sandbox.command(sidecar["startupProbe"]["exec"]["command"]), processor)
+    envoy_spec = containers["envoy"]
+    envoy = start("envoy", sandbox.command(envoy_spec["command"]))
+    wait_until_succeeds(sandbox.command(envoy_spec["startupProbe"]["exec"]["command"]), envoy)
+    spend_and_find_the_count(config, store)

@@ -8,6 +8,10 @@ schemas (``kubernetes-validate --strict``: an unknown field fails). The wiring t
 then follow every path, port and name from the container that uses it to the thing it
 names: the mount, the file in this repository, the YAML field.
 
+Shared limits add a Redis to each: the compose profile ``shared-limits`` and the
+kustomize component ``deploy/kubernetes/redis``, with the gateway YAML changed as README.md
+shows (its yaml blocks are read from README.md, so the README stays true).
+
 The loaders at the top are shared with test_deploy_runtime.py, which runs the same
 commands as real processes.
 """
@@ -27,6 +31,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -37,6 +42,14 @@ from extproc.config.model import GatewayConfig
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 KUSTOMIZATION = ROOT / "deploy" / "kubernetes"
+REDIS_COMPONENT = KUSTOMIZATION / "redis"
+SHARED_LIMITS = "shared-limits"  # the compose profile that adds Redis
+GATEWAY = "credential-gateway"  # the gateway's Deployment (and Service, policy, budget)
+REDIS = "credential-gateway-redis"  # the component's Deployment, Service, policy, Secret
+# The first line of README.md's yaml blocks for shared limits.
+COMPOSE_LIMITS_BLOCK = "# deploy/compose/gateway.yaml"
+K8S_LIMITS_BLOCK = "# my-gateway/gateway.yaml"
+K8S_OVERLAY_BLOCK = "# my-gateway/kustomization.yaml, as above, plus"
 DOCKERFILE = ROOT / "Dockerfile"
 README = ROOT / "README.md"
 ENVOY_ADMIN_SCRIPT = "envoy-admin.sh"
@@ -56,18 +69,25 @@ def compose_binary() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
 
 
-def run_compose_config(compose_file: Path) -> subprocess.CompletedProcess[str]:
+def run_compose_config(
+    compose_file: Path, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """``docker compose config --format json`` with none of the caller's variables."""
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(compose_file.parent)}
+    profile_args = [word for profile in profiles for word in ("--profile", profile)]
     return subprocess.run(
-        [str(compose_binary()), "-f", str(compose_file), "config", "--format", "json"],
+        [str(compose_binary()), "-f", str(compose_file), *profile_args,
+         "config", "--format", "json"],
         capture_output=True, text=True, env=env, cwd=compose_file.parent, check=False,
     )  # fmt: skip
 
 
-def compose_config() -> Json:
-    """docker-compose.yml as compose itself resolves it (paths absolute, defaults filled in)."""
-    result = run_compose_config(COMPOSE_FILE)
+def compose_config(profiles: tuple[str, ...] = (SHARED_LIMITS,)) -> Json:
+    """docker-compose.yml as compose itself resolves it (paths absolute, defaults filled in).
+
+    Every profile on by default, so that checks over all services see Redis too.
+    """
+    result = run_compose_config(COMPOSE_FILE, profiles)
     assert result.returncode == 0, result.stderr
     config: Json = json.loads(result.stdout)
     return config
@@ -89,6 +109,57 @@ def find(docs: list[Json], kind: str, name: str | None = None) -> Json:
     matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
     return matches[0]
+
+
+def readme_yaml(first_line: str) -> str:
+    """The one yaml block of README.md that starts with ``first_line``."""
+    blocks = re.findall(r"^```yaml\n(.*?)^```", README.read_text(), re.M | re.S)
+    found = [block for block in blocks if block.startswith(first_line)]
+    assert len(found) == 1, f"README.md has {len(found)} yaml blocks starting {first_line!r}"
+    return str(found[0])
+
+
+def add_top_level(gateway_text: str, block: str) -> str:
+    """The gateway YAML with ``block`` (say README.md's lines for shared limits) added."""
+    added = yaml.safe_load(block)
+    assert not set(added) & set(yaml.safe_load(gateway_text)), "only adds, never replaces"
+    return gateway_text.rstrip("\n") + "\n" + block
+
+
+def redis_overlay(directory: Path, gateway_text: str) -> Path:
+    """README.md's overlay: the base, the Redis component, and a gateway YAML of one's own."""
+    overlay = yaml.safe_load(readme_yaml(K8S_OVERLAY_BLOCK))
+    user_dir = ROOT / "my-gateway"  # where README's overlay sits: beside deploy/
+    assert [(user_dir / c).resolve() for c in overlay["components"]] == [REDIS_COMPONENT]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "gateway.yaml").write_text(gateway_text)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        # Relative paths: kustomize refuses absolute ones.
+        "resources": [os.path.relpath(KUSTOMIZATION, directory)],
+        "components": [os.path.relpath(REDIS_COMPONENT, directory)],
+        "configMapGenerator": [
+            {"name": "credential-gateway-config", "behavior": "replace",
+             "files": ["gateway.yaml"], "options": {"disableNameSuffixHash": True}}
+        ],
+    }  # fmt: skip
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return directory
+
+
+def redis_manifests_with_shared_limits(directory: Path) -> list[Json]:
+    """What README.md's overlay applies, with its gateway YAML for shared limits."""
+    base = (KUSTOMIZATION / "gateway.yaml").read_text()
+    text = add_top_level(base, readme_yaml(K8S_LIMITS_BLOCK))
+    return kustomize_build(redis_overlay(directory, text))
+
+
+def redis_address(store: str) -> tuple[str, int]:
+    """Host and port of a ``redis://`` store URL."""
+    url = urlsplit(store)
+    assert url.scheme == "redis" and url.hostname and url.port, store
+    return url.hostname, url.port
 
 
 @dataclass(frozen=True)
@@ -174,6 +245,11 @@ def manifests() -> list[Json]:
 
 
 @pytest.fixture(scope="module")
+def redis_manifests(tmp_path_factory: pytest.TempPathFactory) -> list[Json]:
+    return redis_manifests_with_shared_limits(tmp_path_factory.mktemp("overlay"))
+
+
+@pytest.fixture(scope="module")
 def pod(manifests: list[Json]) -> Json:
     spec: Json = find(manifests, "Deployment")["spec"]["template"]["spec"]
     return spec
@@ -225,7 +301,8 @@ def compose_gateway(compose: Json) -> GatewayConfig:
 
 
 def test_compose_file_passes_docker_compose_config(compose: Json) -> None:
-    assert set(compose["services"]) == {"render", "extproc", "envoy"}
+    assert set(compose_config(profiles=())["services"]) == {"render", "extproc", "envoy"}
+    assert set(compose["services"]) == {"render", "extproc", "envoy", "redis"}, SHARED_LIMITS
 
 
 def test_docker_compose_config_fails_on_a_broken_file(tmp_path: Path) -> None:
@@ -258,10 +335,23 @@ def test_compose_services_load_the_mounted_gateway_yaml(compose: Json) -> None:
     assert Dockerfile.parse().healthcheck[-1] == serve[1], "the image's health check reads it"
 
 
+def compose_shared_limits(compose: Json, tmp_path: Path) -> GatewayConfig:
+    """The compose YAML with README.md's lines for shared limits, as the processor loads it."""
+    serve = compose["services"]["extproc"]["command"]
+    path = compose_gateway_yaml(compose, "extproc", option(serve, "serve"))
+    local = tmp_path / path.name
+    local.write_text(add_top_level(path.read_text(), readme_yaml(COMPOSE_LIMITS_BLOCK)))
+    return load_config(local)
+
+
 def test_compose_secrets_are_the_files_the_yaml_reads(
-    compose: Json, compose_gateway: GatewayConfig, dockerfile: Dockerfile
+    compose: Json, compose_gateway: GatewayConfig, dockerfile: Dockerfile, tmp_path: Path
 ) -> None:
     wanted = {str(r.credential.secret.file) for r in compose_gateway.routes if r.credential}
+    assert compose_gateway.limits is None, "the default: no limits, nothing shared"
+    shared = compose_shared_limits(compose, tmp_path).limits
+    assert shared and shared.password and shared.password.file
+    wanted.add(str(shared.password.file))  # mounted always, read with shared limits only
     secrets = compose["services"]["extproc"]["secrets"]
     assert {s["target"] for s in secrets} == wanted
     for secret in secrets:
@@ -319,8 +409,8 @@ def test_compose_envoy_reads_what_render_writes(
     bootstrap = option(render, "-o")
     assert option(envoy, "-c") == bootstrap and under(bootstrap, xds_dir)
     volumes = {
-        name: {v["target"]: v for v in s["volumes"] if v["type"] == "volume"}
-        for name, s in services.items()
+        name: {v["target"]: v for v in services[name]["volumes"] if v["type"] == "volume"}
+        for name in ("render", "extproc", "envoy")
     }
     shared = {v[xds_dir]["source"] for v in volumes.values()}
     assert len(shared) == 1, "render, extproc and envoy share one volume"
@@ -347,6 +437,64 @@ def test_compose_images(compose: Json) -> None:
         assert services[name]["image"] == f"{PROCESSOR_IMAGE}:{project_version()}"
         assert services[name]["build"]["context"] == str(ROOT)
         assert services[name]["build"]["dockerfile"] == "Dockerfile"
+    assert re.fullmatch(r"redis:7\.\d+(\.\d+)?(-alpine)?", services["redis"]["image"])
+
+
+# -- docker compose: shared limits ---------------------------------------------------------
+
+
+def test_compose_redis_is_on_an_internal_network_and_never_published(compose: Json) -> None:
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["profiles"] == [SHARED_LIMITS], "off unless asked for"
+    assert "ports" not in redis and "expose" not in redis and "network_mode" not in redis
+    assert set(redis["networks"]) == {"limits"}
+    assert compose["networks"]["limits"]["internal"], "no route out, none in from the host"
+    on_limits = {name for name, s in services.items() if "limits" in s.get("networks", {})}
+    assert on_limits == {"extproc", "redis"}, "Envoy reaches it only through extproc's namespace"
+    assert services["envoy"]["network_mode"] == "service:extproc"
+    assert "default" in services["extproc"]["networks"], "the upstreams are on the way out"
+
+
+def test_compose_redis_is_the_store_the_shared_limits_yaml_names(
+    compose: Json, dockerfile: Dockerfile, tmp_path: Path
+) -> None:
+    services = compose["services"]
+    redis, extproc = services["redis"], services["extproc"]
+    limits = compose_shared_limits(compose, tmp_path).limits
+    assert limits and limits.shared and limits.password and limits.password.file
+    host, port = redis_address(limits.store)
+    assert host == "redis", "the service name, which compose's DNS resolves on `limits`"
+    command = redis["command"]
+    assert command[:4] == ["sh", script_path(redis, "redis.sh"), "run", str(limits.password.file)]
+    assert option(command, "--port") == str(port)
+    assert option(command, "--save") == "" and option(command, "--appendonly") == "no"
+    health = redis["healthcheck"]["test"]
+    assert health == ["CMD", "sh", command[1], "ping", f"127.0.0.1:{port}", command[3]]
+    # One secret, readable by each container's user only.
+    mine = {s["target"]: s for s in extproc["secrets"]}[str(limits.password.file)]
+    theirs = {s["target"]: s for s in redis["secrets"]}[str(limits.password.file)]
+    assert mine["source"] == theirs["source"]
+    assert set(compose["secrets"][mine["source"]]) == {"name", "environment"}
+    assert (int(mine["uid"]), mine["mode"]) == (dockerfile.uid, "0400")
+    assert (theirs["uid"], theirs["mode"]) == (redis["user"].split(":")[0], "0400")
+    # Started (healthy) before the processor when the profile is on, ignored when it is off.
+    assert extproc["depends_on"]["redis"] == {"condition": "service_healthy", "required": False}
+    default = compose_config(profiles=())["services"]["extproc"]["depends_on"]
+    assert default["redis"]["required"] is False
+
+
+def test_compose_redis_runs_unprivileged(compose: Json) -> None:
+    redis = compose["services"]["redis"]
+    # The image's entrypoint drops root only for a bare redis-server command; ours is sh.
+    assert redis["user"] == "999:999"
+    assert redis["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in redis["security_opt"]
+    assert all(v["read_only"] for v in redis["volumes"])
+
+
+def script_path(service: Json, name: str) -> str:
+    return next(v["target"] for v in service["volumes"] if v["target"].endswith(name))
 
 
 # -- Kubernetes ----------------------------------------------------------------------------
@@ -428,10 +576,11 @@ def test_pod_mounts_the_keys_where_the_yaml_reads_them(
     assert keys == {ref.file.name for ref in files if ref.file}
 
 
-def documented_secret_command() -> list[str]:
+def documented_secret_command(name: str = "credential-gateway-keys") -> list[str]:
     text = re.sub(r"\\\n\s*", " ", README.read_text())
-    lines = [line for line in text.splitlines() if "kubectl create secret generic" in line]
-    assert len(lines) == 1, "README.md shows one `kubectl create secret` command"
+    command = f"kubectl create secret generic {name} "
+    lines = [line for line in text.splitlines() if command in line]
+    assert len(lines) == 1, f"README.md shows one `{command}` command"
     return shlex.split(lines[0].strip())
 
 
@@ -531,6 +680,177 @@ def test_every_container_is_locked_down(pod: Json, dockerfile: Dockerfile) -> No
         assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
         assert context["capabilities"]["drop"] == ["ALL"]
         assert {"requests", "limits"} <= set(container["resources"])
+
+
+# -- Kubernetes: shared limits (the Redis component) ---------------------------------------
+
+
+def selects(selector: Json, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is evaluated here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def rule_admits(rule: Json, peers_key: str, labels: dict[str, str], port: int) -> bool:
+    """One ingress or egress rule, for a pod of the same namespace and a TCP port."""
+    peers = rule.get(peers_key)
+    peer_ok = peers is None or any(
+        set(peer) == {"podSelector"} and selects(peer["podSelector"], labels) for peer in peers
+    )
+    ports = rule.get("ports")
+    port_ok = ports is None or any(
+        p.get("protocol", "TCP") == "TCP" and p.get("port") in (None, port) for p in ports
+    )
+    return peer_ok and port_ok
+
+
+def connects(
+    policies: list[Json], source: dict[str, str], target: dict[str, str], port: int
+) -> bool:
+    """Whether NetworkPolicies let a pod labelled ``source`` open TCP ``port`` on ``target``.
+
+    Kubernetes' rules: a pod selected by no policy of a direction is open in that direction;
+    otherwise some rule of some policy that selects it must admit the connection.
+    """
+
+    def allowed(direction: str, pod: dict[str, str], peer: dict[str, str], key: str) -> bool:
+        applying = [
+            p["spec"] for p in policies
+            if selects(p["spec"]["podSelector"], pod) and direction in p["spec"]["policyTypes"]
+        ]  # fmt: skip
+        return not applying or any(
+            rule_admits(rule, key, peer, port)
+            for spec in applying
+            for rule in spec.get(direction.lower(), [])
+        )
+
+    return allowed("Egress", source, target, "to") and allowed("Ingress", target, source, "from")
+
+
+def pod_labels(manifests: list[Json], deployment: str) -> dict[str, str]:
+    template = find(manifests, "Deployment", deployment)["spec"]["template"]
+    labels: dict[str, str] = template["metadata"]["labels"]
+    return labels
+
+
+def redis_container(manifests: list[Json]) -> Json:
+    spec = find(manifests, "Deployment", REDIS)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert "initContainers" not in spec
+    return dict(container)
+
+
+def test_redis_component_passes_strict_schema_validation(
+    redis_manifests: list[Json], tmp_path: Path
+) -> None:
+    result = validate_k8s(redis_manifests, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    added = sorted((d["kind"], d["metadata"]["name"]) for d in redis_manifests
+                   if d["metadata"]["name"].startswith(REDIS))  # fmt: skip
+    assert added == [
+        ("ConfigMap", next(d["metadata"]["name"] for d in redis_manifests
+                           if d["metadata"]["name"].startswith(f"{REDIS}-admin"))),
+        ("Deployment", REDIS), ("NetworkPolicy", REDIS), ("Service", REDIS),
+    ]  # fmt: skip
+    # The patch leaves the gateway's pod as it was, plus one mount and one volume.
+    gateway = find(redis_manifests, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    assert [c["name"] for c in gateway["initContainers"]] == ["render", "extproc"]
+
+
+def test_network_policies_let_only_the_gateway_reach_redis(
+    manifests: list[Json], redis_manifests: list[Json]
+) -> None:
+    policies = [d for d in redis_manifests if d["kind"] == "NetworkPolicy"]
+    gateway, redis = pod_labels(redis_manifests, GATEWAY), pod_labels(redis_manifests, REDIS)
+    (port,) = [p["containerPort"] for p in redis_container(redis_manifests)["ports"]]
+    assert connects(policies, gateway, redis, port)
+    assert not connects(policies, {"app": "anything-else"}, redis, port)
+    assert not connects(policies, gateway, redis, port + 1)
+    for other_port in (53, 443, 4000):  # Redis calls no one
+        assert not connects(policies, redis, gateway, other_port)
+        assert not connects(policies, redis, {"app": "anything-else"}, other_port)
+    # Without the component the base's egress (DNS, 443) keeps the gateway from Redis.
+    base = [d for d in manifests if d["kind"] == "NetworkPolicy"]
+    assert not connects(base, gateway, redis, port)
+    # ...and the base's own rules are unchanged by it.
+    assert (
+        find(redis_manifests, "NetworkPolicy", GATEWAY)["spec"]["ingress"]
+        == (find(manifests, "NetworkPolicy", GATEWAY)["spec"]["ingress"])
+    )
+
+
+def test_redis_service_is_the_store_the_yaml_names(
+    redis_manifests: list[Json], tmp_path: Path
+) -> None:
+    pod = find(redis_manifests, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    config, _ = k8s_config(redis_manifests, pod, tmp_path)
+    assert config.limits and config.limits.shared and config.metering
+    host, port = redis_address(config.limits.store)
+    service = find(redis_manifests, "Service", host)["spec"]
+    ((service_port),) = service["ports"]
+    assert service_port["port"] == port
+    container = redis_container(redis_manifests)
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert option(container["command"], "--port") == str(named[service_port["targetPort"]])
+    # The Service picks the Redis pod only, and nothing of the gateway picks it.
+    gateway, redis = pod_labels(redis_manifests, GATEWAY), pod_labels(redis_manifests, REDIS)
+    assert selects({"matchLabels": service["selector"]}, redis)
+    assert not selects({"matchLabels": service["selector"]}, gateway)
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"):
+        spec = find(redis_manifests, kind, GATEWAY)["spec"]
+        selector = spec.get("selector") or spec.get("podSelector")
+        selector = selector if "matchLabels" in selector else {"matchLabels": selector}
+        assert selects(selector, gateway) and not selects(selector, redis), kind
+    redis_deployment = find(redis_manifests, "Deployment", REDIS)["spec"]
+    assert redis_deployment["replicas"] == 1, "two would each hold part of the counts"
+    assert redis_deployment["strategy"] == {"type": "Recreate"}
+
+
+def test_redis_password_is_one_secret_mounted_as_a_file_in_both_pods(
+    redis_manifests: list[Json], tmp_path: Path
+) -> None:
+    gateway = find(redis_manifests, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    config, _ = k8s_config(redis_manifests, gateway, tmp_path)
+    assert config.limits and config.limits.password and config.limits.password.file
+    password = config.limits.password.file
+    extproc = mounts(gateway, containers(gateway)["extproc"])
+    volume = extproc[str(password.parent)]
+    secret_name = volume["secret"]["secretName"]
+    assert volume["secret"]["defaultMode"] == 0o440 and not volume["secret"].get("optional")
+    # The Redis pod reads the same key of the same Secret, in its command and its probes.
+    redis_pod = find(redis_manifests, "Deployment", REDIS)["spec"]["template"]["spec"]
+    container = redis_container(redis_manifests)
+    command = container["command"]
+    script_dir = next(m for m, v in mounts(redis_pod, container).items() if "configMap" in v)
+    assert command[:3] == ["sh", f"{script_dir}/redis.sh", "run"]
+    theirs = PurePosixPath(command[3])
+    redis_volume = mounts(redis_pod, container)[str(theirs.parent)]
+    assert redis_volume["secret"]["secretName"] == secret_name and theirs.name == password.name
+    ping = [*command[:2], "ping", f"127.0.0.1:{option(command, '--port')}", str(theirs)]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ping
+    # README.md's command creates that Secret with that key.
+    create = documented_secret_command(secret_name)
+    assert {arg.split("=", 2)[1] for arg in create if arg.startswith("--from-")} == {password.name}
+    # Only the processor holds it; render and Envoy never see it.
+    for name, container_spec in containers(gateway).items():
+        if name != "extproc":
+            assert str(password.parent) not in mounts(gateway, container_spec)
+
+
+def test_redis_pod_is_locked_down(redis_manifests: list[Json], compose: Json) -> None:
+    pod = find(redis_manifests, "Deployment", REDIS)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    container = redis_container(redis_manifests)
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert {"requests", "limits"} <= set(container["resources"])
+    assert container["image"] == compose["services"]["redis"]["image"], "one Redis for both"
+    # Same script, same options as compose's Redis (paths aside).
+    assert container["command"][4:] == compose["services"]["redis"]["command"][4:]
+    shipped = next(d for d in redis_manifests if d["metadata"]["name"].startswith(f"{REDIS}-admin"))
+    assert shipped["data"]["redis.sh"] == (REDIS_COMPONENT / "redis.sh").read_text()
 
 
 # -- the image -----------------------------------------------------------------------------
