@@ -190,6 +190,10 @@ CASES = [
      ["gateway.yaml:11 limits.default.tokens: must be between 0 and 1000000000000, got -1",
       "gateway.yaml:13 limits.clients.alice.concurrent: expected an integer, got a string",
       "gateway.yaml:12 limits.clients: 'b c' is not a client name as in the keys file"]),
+    ("a bad client name does not hide the next client's problems",
+     METERED + "limits:\n  clients:\n    'b c': {}\n    alice: {concurrent: x}\n",
+     ["gateway.yaml:11 limits.clients: 'b c' is not a client name as in the keys file",
+      "gateway.yaml:13 limits.clients.alice.concurrent: expected an integer, got a string"]),
 ]  # fmt: skip
 
 

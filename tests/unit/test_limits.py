@@ -13,9 +13,11 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from harness.messages import headers_request
 
+from extproc.config.limits import LIMITS, limit, limits
 from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE, Limit, Limits, SecretRef, StoreFailure
-from extproc.config.sections import ConfigError
+from extproc.config.sections import ConfigError, Problems, Section
+from extproc.config.yamlsource import loads
 from extproc.policy.access import key_line
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
@@ -136,6 +138,69 @@ def test_a_bad_password_reference_fails_even_with_a_redis_store(tmp_path: Path) 
         "gateway.yaml:6 limits.password.env: expected an environment variable name "
         "(letters, digits, '_')",
     )
+
+
+def test_a_password_from_a_file(tmp_path: Path) -> None:
+    limits = limits_of("limits:\n  store: redis://h\n  password: {file: redis.pw}\n", tmp_path)
+    assert limits is not None and limits.password == SecretRef(file=tmp_path / "redis.pw")
+    with pytest.raises(ConfigError) as caught:
+        limits_of("limits:\n  store: redis://h\n  password: {env: P, optional: true}\n", tmp_path)
+    assert caught.value.problems == (
+        "gateway.yaml:6 limits.password.optional: unknown field (allowed: env, file)",
+    )
+
+
+def parse_limits(text: str, password: SecretRef | None = None) -> tuple[Limits | None, list[str]]:
+    """``limits()`` called as ``load`` calls it; ``password``: what the secret reference gave."""
+    doc = loads(text, "gateway.yaml")
+    found = Problems(doc)
+    top = Section(found, (), doc.data, ["limits"])
+    section = top.section("limits", LIMITS)
+
+    def secret(reference: Section | None) -> SecretRef | None:
+        if password is None and reference is not None:
+            reference.error(None, "not a usable reference")  # as the real one reports
+        return password
+
+    return limits(section, found, secret, None, True), [str(p) for p in found.items]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "limits:\n  default: {tokens: -1}\n",
+        "limits:\n  default: 5\n",
+        "limits:\n  default: {token_window: 1w}\n",
+        "limits:\n  clients:\n    alice: {tokens: -1}\n",
+        "limits:\n  clients:\n    alice: 5\n",
+        "limits:\n  clients:\n    'a b': {}\n",
+        "limits:\n  clients:\n    'a b': {}\n    alice: {}\n",
+        "limits:\n  clients:\n    alice: {}\n    bob: {concurrent: x}\n    carol: {}\n",
+        "limits:\n  clients: []\n",
+        "limits:\n  store: redis://h\n  password: {env: 'not a name'}\n",
+    ],
+    ids=["bad default value", "default not a mapping", "bad default window", "bad client value",
+         "client not a mapping", "bad client name", "bad name before a good client",
+         "bad client between good ones", "clients not a mapping", "bad password reference"],
+)  # fmt: skip
+def test_limits_are_none_whenever_a_problem_is_reported(text: str) -> None:
+    """The contract ``load`` relies on: a model only from a clean section."""
+    parsed, found = parse_limits(text)
+    assert found and parsed is None
+
+
+def test_a_clean_section_gives_the_model_and_no_problem() -> None:
+    text = "limits:\n  store: redis://h\n  password: {env: P}\n  clients:\n    a: {}\n    b: {}\n"
+    parsed, found = parse_limits(text, password=SecretRef(env="P"))
+    assert found == []
+    assert parsed == Limits(Limit(), (("a", Limit()), ("b", Limit())), "redis://h", SecretRef("P"))
+
+
+def test_a_limit_block_that_is_not_a_mapping_is_no_limit() -> None:
+    doc = loads("default: 5\n", "gateway.yaml")
+    found = Problems(doc)
+    assert limit(Section(found, ("default",), 5, ["tokens"]), Limit(tokens=1)) is None
+    assert [str(p) for p in found.items] == ["gateway.yaml:1 default: expected a mapping, got int"]
 
 
 # -- the limiter ---------------------------------------------------------------------------
@@ -388,8 +453,8 @@ def test_requests_in_flight_go_up_and_down_and_never_below_zero() -> None:
 def test_store_down_and_closed_refuses_with_503_and_counts_nothing() -> None:
     clock = Clock(30.0)
     lim = Limiter(DownStore(clock), clock)
-    for limit in (Limit(requests_per_minute=100), Limit(tokens=10**6), Limit(concurrent=100)):
-        assert lim.admit("alice", limit, CLOSED) == Refusal(503, "store", 5, STORE)
+    for each in (Limit(requests_per_minute=100), Limit(tokens=10**6), Limit(concurrent=100)):
+        assert lim.admit("alice", each, CLOSED) == Refusal(503, "store", 5, STORE)
     assert lim.store.get("alice:requests:60:0") == 0
 
 
@@ -615,7 +680,7 @@ def test_an_admitted_request_gets_the_usual_answer(gateway: tuple[Policy, dict[s
 
 def test_a_policy_without_limits_never_asks(tmp_path: Path) -> None:
     (tmp_path / "keys.txt").write_text(key_line("alice", "gk-alice") + "\n")
-    without = CONFIG.split("limits:")[0] + "routes:" + CONFIG.split("routes:", 1)[1]
+    without = CONFIG.split("limits:", 1)[0] + "routes:" + CONFIG.split("routes:", 1)[1]
     (tmp_path / "gateway.yaml").write_text(without)
     config = load_config(tmp_path / "gateway.yaml")
     policy = compile_policy(config, {"SERVER": "sk-server"})
