@@ -132,12 +132,18 @@ def compile_policy(
             missing.append(route.name)
         old = previous.routes.get(route.envoy_name) if previous else None
         compiled[route.envoy_name] = _compile_route(route, secret, keys, old)
+    limits = config.limits
+    if limits is not None and limits.password is not None:
+        try:  # read by the limiter; checked here so a missing one is a config error too
+            read_secret(limits.password, environ)
+        except SecretError as exc:
+            problems.append(f"{limits.password.origin}: {exc}")
     if problems:
         raise ConfigError(problems)
     version = _version(config, compiled, tables)
-    limits = LimitTable.of(config.limits) if config.limits else None
+    table = LimitTable.of(limits) if limits else None
     held = MappingProxyType(tables)
-    return Policy(MappingProxyType(compiled), version, tuple(missing), held, limits)
+    return Policy(MappingProxyType(compiled), version, tuple(missing), held, table)
 
 
 def _read_secret(route: Route, environ: Mapping[str, str]) -> Secret | None:

@@ -46,7 +46,7 @@ def read_secret(ref: SecretRef, environ: Mapping[str, str] = os.environ) -> Secr
     if raw is None or (ref.optional and not raw.strip()):
         if ref.optional:
             return None
-        raise SecretError(f"{ref.describe()} is not set")
+        raise SecretError(f"{ref.describe()} {'is not set' if ref.env else 'does not exist'}")
     value = raw.rstrip(b"\r\n")
     if not value.strip():
         raise SecretError(f"{ref.describe()} is empty")

@@ -193,6 +193,8 @@ class RedisStore(MemoryStore):
             pipe.hset(inflight, self._instance, f"{count}:{now:.3f}")
             pipe.expire(inflight, 120)
             pipe.hgetall(inflight)
+        if not (push or watched or mine):
+            pipe.ping()  # nothing to sync: still find out whether the store answers
         results: list[object] = pipe.execute()
         return results
 
