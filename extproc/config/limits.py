@@ -19,7 +19,8 @@ _LIMIT = ["requests_per_minute", "tokens", "token_window", "concurrent"]
 _CLIENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")  # as in the keys file
 _DURATION = re.compile(r"^(?P<n>[1-9][0-9]{0,6})(?P<unit>[smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_STORE = re.compile(r"^(memory|rediss?://[^\s/]+(:[0-9]+)?(/[0-9]{1,2})?)$")
+# Host, port and db only: a password goes in ``password`` (a secret), never in the URL.
+_STORE = re.compile(r"^(memory|rediss?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[0-9]{1,2})?)$")
 
 
 def limits(
@@ -85,22 +86,24 @@ def _needs_metering(
 
 
 def limit(s: Section | None, base: model.Limit) -> model.Limit | None:
-    """One limit block merged over ``base``; ``null`` for a field lifts the base's limit."""
+    """One limit block merged over ``base``; ``null`` for a field lifts the base's limit.
+
+    Every bad field of the block is reported, not only the first.
+    """
     if s is None or not s.ok:
         return None
     values: dict[str, Any] = {}
+    ok = True
     for key in ("requests_per_minute", "tokens", "concurrent"):
         if key in s.raw:
             values[key] = None if s.raw[key] is None else s.integer(key, None, 0, 10**12)
-            if s.raw[key] is not None and values[key] is None:
-                return None
+            ok = ok and (s.raw[key] is None or values[key] is not None)
     if "token_window" in s.raw:
-        window = _duration(s.raw["token_window"])
-        if window is None:
+        values["token_window_s"] = _duration(s.raw["token_window"])
+        if values["token_window_s"] is None:
             s.error("token_window", "expected a duration like 60s, 30m, 12h or 1d")
-            return None
-        values["token_window_s"] = window
-    return replace(base, **values)
+            ok = False
+    return replace(base, **values) if ok else None
 
 
 def _duration(value: Any) -> int | None:

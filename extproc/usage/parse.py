@@ -126,7 +126,9 @@ class UsageReader:
             elif not self._too_big:
                 self._buffer += chunk
             return
-        self._buffer += chunk
+        # SSE lines end in LF, CRLF or a lone CR; a CRLF split over two chunks becomes
+        # an extra empty line, which no event reading minds.
+        self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         start = 0
         while (end := self._buffer.find(b"\n", start)) >= 0:
             if not self._skipping:

@@ -276,11 +276,6 @@ def test_a_socket_excludes_address_port_and_workers(tmp_path: Path) -> None:
     assert load_config(tmp_path / "gateway.yaml").extproc.target == f"unix:{tmp_path}/x.sock"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limits.limit() returns at the first bad field of a block: the other fields' "
-    "problems are not reported in the same run (every other section reports all at once)",
-)
 def test_every_bad_field_of_a_limit_block_is_reported_at_once(tmp_path: Path) -> None:
     text = METERED + "limits:\n  default: {tokens: -1, token_window: 1w}\n"
     assert problems(text, tmp_path) == [
@@ -289,11 +284,6 @@ def test_every_bad_field_of_a_limit_block_is_reported_at_once(tmp_path: Path) ->
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store pattern's host part [^\\s/]+ takes user:password@ and ?query, so a "
-    "password can sit in the URL (and in repr(config)) instead of limits.password",
-)
 @pytest.mark.parametrize("url", ["redis://:hunter2@h:6379/0", "redis://h?password=hunter2"])
 def test_a_password_in_the_store_url_is_refused(url: str, tmp_path: Path) -> None:
     found = problems(METERED + f"limits: {{store: '{url}'}}\n", tmp_path)

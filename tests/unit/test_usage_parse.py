@@ -300,10 +300,6 @@ def test_a_stream_is_read_as_it_comes_not_at_the_end() -> None:
     assert reader.finish() == STREAM_USAGE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SSE allows a lone CR as a line ending; the reader splits on LF only, so such a stream reads as one line",
-)
 def test_sse_with_lone_cr_line_endings_is_read_the_same() -> None:
     assert (
         read(ANTHROPIC, SSE, [anthropic_stream(START, {"output_tokens": 15}, newline="\r")])
