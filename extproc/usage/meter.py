@@ -98,8 +98,10 @@ class MeterStream:
         path = _header(request.request_headers.headers, ":path")
         self._endpoint = endpoint(self._style, path)
         if self._source == "injected" and self._client and policy.limits is not None:
-            self._limit = policy.limits.for_client(self._client)
-            if self._charges is not None:
+            limit = policy.limits.for_client(self._client)
+            # Count only what a limit reads: no store keys for clients without one.
+            self._limit = limit if limit.tokens is not None else None
+            if limit.concurrent is not None and self._charges is not None:
                 self._charges.started(self._client)
                 self._counting = True
 

@@ -26,9 +26,11 @@ from extproc.usage.parse import Usage
 CLAUDE, GPT = "claude-sonnet-4-5-20250929", "gpt-4o-2024-08-06"
 LIMITS = """\
 limits:
-  default: {tokens: 1000, token_window: 1h}
+  default: {tokens: 1000, token_window: 1h, concurrent: 4}
   clients:
     big: {tokens: 5000}
+    chatty: {tokens: null}
+    many: {concurrent: null}
 """
 CONFIG = """\
 listener: {address: 127.0.0.1, port: 4000}
@@ -186,7 +188,7 @@ def test_an_injected_request_reports_its_usage_and_charges_its_client(
     assert seen.charges == [
         ("started", "alice"),
         ("finished", "alice"),
-        ("charge", "alice", Limit(tokens=1000, token_window_s=3600), usage.total),
+        ("charge", "alice", Limit(tokens=1000, token_window_s=3600, concurrent=4), usage.total),
     ]
 
 
@@ -196,7 +198,12 @@ def test_a_client_with_an_override_is_charged_against_its_own_limit(
     policy, names = limited
     first = request(names["anthropic"], "/anthropic/v1/messages", injected("big"))
     seen = observe(policy, first, parts=[json.dumps(ANTHROPIC_JSON).encode()])
-    assert seen.charges[-1] == ("charge", "big", Limit(tokens=5000, token_window_s=3600), 146)
+    assert seen.charges[-1] == (
+        "charge",
+        "big",
+        Limit(tokens=5000, token_window_s=3600, concurrent=4),
+        146,
+    )
 
 
 def test_the_client_is_in_flight_from_the_request_headers_to_the_end(
@@ -215,7 +222,7 @@ def test_the_client_is_in_flight_from_the_request_headers_to_the_end(
     assert recorder.charges == [
         ("started", "alice"),
         ("finished", "alice"),
-        ("charge", "alice", Limit(tokens=1000, token_window_s=3600), 146),
+        ("charge", "alice", Limit(tokens=1000, token_window_s=3600, concurrent=4), 146),
     ]
     assert len(recorder.reports) == 1
 
@@ -234,7 +241,12 @@ def test_a_stream_cut_mid_way_reports_what_was_seen(
     meter.end()  # the client went away: no end_of_stream
     usage = Usage(CLAUDE, input=25, output=1, cache_read=7)
     assert recorder.reports == [("anthropic", "alice", "injected", CLAUDE, usage)]
-    assert recorder.charges[-1] == ("charge", "alice", Limit(tokens=1000, token_window_s=3600), 33)
+    assert recorder.charges[-1] == (
+        "charge",
+        "alice",
+        Limit(tokens=1000, token_window_s=3600, concurrent=4),
+        33,
+    )
 
 
 UNKNOWN = [
@@ -259,7 +271,12 @@ def test_a_response_that_is_not_a_successful_completion_has_unknown_usage(
     first = request(names[route], path, injected(route=route))
     seen = observe(policy, first, status=status, parts=parts)
     assert seen.reports == [(route, "alice", "injected", "unknown", Usage())]
-    assert seen.charges[-1] == ("charge", "alice", Limit(tokens=1000, token_window_s=3600), 0)
+    assert seen.charges[-1] == (
+        "charge",
+        "alice",
+        Limit(tokens=1000, token_window_s=3600, concurrent=4),
+        0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -309,6 +326,20 @@ def test_only_the_organisations_key_spent_by_a_client_is_charged(
     seen = observe(policy, first, parts=[json.dumps(ANTHROPIC_JSON).encode()])
     assert seen.reports == [("anthropic", decision.get("client", ""), source, CLAUDE, CLAUDE_USAGE)]
     assert seen.charges == []
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [("chatty", ["started", "finished"]), ("many", ["charge"])],
+    ids=["no token limit: in flight counted, tokens not", "no concurrency limit: tokens only"],
+)
+def test_only_what_a_clients_limits_read_is_counted(
+    limited: tuple[Policy, dict[str, str]], client: str, expected: list[str]
+) -> None:
+    policy, names = limited
+    first = request(names["anthropic"], "/anthropic/v1/messages", injected(client))
+    seen = observe(policy, first, parts=[json.dumps(ANTHROPIC_JSON).encode()])
+    assert [charge[0] for charge in seen.charges] == expected
 
 
 def test_without_a_limit_table_nothing_is_charged(tmp_path: Path) -> None:
