@@ -86,12 +86,6 @@ class RouteRule:
     placeholders: frozenset[bytes] = frozenset()  # tokens that count as blank
     forward_only: bool = False  # a route with no credential section: only gateway keys matter
 
-    @property
-    def slots(self) -> frozenset[str]:
-        """Where a gateway key may arrive: the credential headers, the standard ones, ``header``."""
-        keys = (self.keys.header,) if self.keys else ()
-        return self.client_credentials.union(STANDARD_SLOTS, keys)
-
 
 class Decision(NamedTuple):  # a tuple: cheap to build once per request
     outcome: Outcome
