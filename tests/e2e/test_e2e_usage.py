@@ -322,3 +322,19 @@ def test_a_reload_changes_a_limit_live(
             setup.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": ALICE}).status_code == 200
         )
     )
+
+
+def test_without_the_processor_metering_never_stops_a_request_it_would_only_observe(
+    metered: Metered,
+) -> None:
+    """Own-key requests skip the decision; the observing filter failing to reach the
+    processor must not fail them (it only ever observes)."""
+    metered.gateway.stop_extproc()
+    assert metered.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": OWN}).status_code == 200
+    streamed = metered.post(
+        "/anthropic/v1/messages", {**MESSAGE, "stream": True}, **{"x-api-key": OWN}
+    )
+    assert streamed.status_code == 200 and "message_stop" in streamed.text
+    assert (
+        metered.post("/anthropic/v1/messages", MESSAGE, **{"x-api-key": ALICE}).status_code == 503
+    )
