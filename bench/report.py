@@ -64,6 +64,48 @@ class Report:
         return found[BASELINE], found[GATEWAY]
 
 
+@dataclass
+class ClientScale:
+    """One gateway-client count: the load samples, in-process timings and reload times."""
+
+    clients: int
+    identify_us: float  # GatewayKeys.identify per call, in-process
+    load_s: float  # load the YAML + compile the policy, in-process
+    keys_reload_s: float  # the same after one key is appended (previous policy given)
+    idle_cpu_ms_s: float = 0.0  # the idle processor's CPU, ms per second (file polling)
+    samples: list[Sample] = field(default_factory=list)
+    reload_s: list[float] = field(default_factory=list)  # key appended → served (watcher)
+
+    def median(self, name: str) -> float:
+        return float(statistics.median(getattr(s, name) for s in self.samples))
+
+    def best(self, name: str) -> float:
+        """The lowest run: background load only ever adds CPU time and latency."""
+        return float(min(getattr(s, name) for s in self.samples))
+
+
+@dataclass
+class RouteScale:
+    """One route count: render and write times, and reload times after adding a route."""
+
+    routes: int
+    envoy_routes: int  # routes in the rendered rds.yaml
+    xds_kb: float  # the three xDS files
+    render_s: float  # `python -m extproc render CONFIG -o FILE` (a new interpreter)
+    render_xds_s: float  # the same with --xds-dir (bootstrap and the xDS files)
+    load_s: float  # load the YAML + compile the policy, in-process
+    xds_write_s: float  # XdsWriter.write, in-process
+    reload_s: list[float] = field(default_factory=list)  # route added → served (watcher)
+    reload_envoy_s: list[float] = field(default_factory=list)  # rds.yaml replaced → served
+
+
+@dataclass
+class ScaleReport:
+    meta: dict[str, Any]
+    clients: list[ClientScale]
+    routes: list[RouteScale]
+
+
 def _ms(value: float) -> str:
     return f"{value:.3f}"
 
@@ -154,6 +196,129 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
     return checks
 
 
+def _reloads(values: list[float]) -> str:
+    """Median (max) of the reload times, in seconds."""
+    if not values:
+        return "—"
+    return f"{statistics.median(values):.2f} ({max(values):.2f})"
+
+
+def clients_table(report: ScaleReport) -> list[str]:
+    header = (
+        "gateway clients", "processor µs/req, median (best)", "p50 ms @1 conn, median (best)",
+        "p50 ms @32", "req/s",
+        "processor RSS MB", "idle CPU ms/s", "identify µs (in-process)",
+        "load + compile ms", "keys-only recompile ms", "reload s", "errors", "other CPU %",
+    )  # fmt: skip
+    lines = [
+        (
+            f"{row.clients:,}",
+            f"{row.median('processor_us'):.1f} ({row.best('processor_us'):.1f})",
+            f"{_ms(row.median('p50_c1_ms'))} ({_ms(row.best('p50_c1_ms'))})",
+            _ms(row.median("p50_ms")),
+            f"{row.median('rps'):,.0f}",
+            f"{row.median('processor_rss_mb'):.1f}",
+            f"{row.idle_cpu_ms_s:.1f}",
+            f"{row.identify_us:.2f}",
+            f"{row.load_s * 1000:.0f}",
+            f"{row.keys_reload_s * 1000:.0f}",
+            _reloads(row.reload_s),
+            str(sum(s.errors for s in row.samples)),
+            f"{row.median('other_cpu_pct'):.0f}",
+        )
+        for row in report.clients
+    ]
+    return _table(header, lines)
+
+
+def routes_table(report: ScaleReport) -> list[str]:
+    header = (
+        "routes", "Envoy routes", "xDS files KB", "render s", "render --xds-dir s",
+        "load + compile s (in-process)", "xDS write s (in-process)", "reload s",
+        "of which Envoy s",
+    )  # fmt: skip
+    lines = [
+        (
+            f"{row.routes:,}",
+            f"{row.envoy_routes:,}",
+            f"{row.xds_kb:,.0f}",
+            f"{row.render_s:.2f}",
+            f"{row.render_xds_s:.2f}",
+            f"{row.load_s:.2f}",
+            f"{row.xds_write_s:.2f}",
+            _reloads(row.reload_s),
+            _reloads(row.reload_envoy_s),
+        )
+        for row in report.routes
+    ]
+    return _table(header, lines)
+
+
+def scale_targets(report: ScaleReport) -> list[tuple[str, str, bool]]:
+    """Issue 13's targets: (what, measured, met)."""
+    checks: list[tuple[str, str, bool]] = []
+    rows = report.clients
+    if len(rows) < 2:
+        return checks
+    first, last = rows[0], rows[-1]
+    for name, label in (("processor_us", "processor µs/req"), ("p50_c1_ms", "p50 @1 conn")):
+        # Judged on each count's best run (the least disturbed); medians shown beside.
+        best = [row.best(name) / first.best(name) - 1 for row in rows[1:]]
+        median = [row.median(name) / first.median(name) - 1 for row in rows[1:]]
+        checks.append(
+            (
+                f"{label}: every count within ±10 % of {first.clients:,} clients (best runs)",
+                ", ".join(f"{v:+.0%}" for v in best)
+                + " (medians: "
+                + ", ".join(f"{v:+.0%}" for v in median)
+                + ")",
+                max(abs(v) for v in best) <= 0.10,
+            )
+        )
+    added = last.median("processor_rss_mb") - first.median("processor_rss_mb")
+    checks.append(
+        (
+            f"RSS at {last.clients:,} clients ≤ {first.clients:,} + 60 MB",
+            f"{added:+.1f} MB",
+            added <= 60,
+        )
+    )
+    if last.reload_s:
+        slowest = max(last.reload_s)
+        checks.append(
+            (
+                f"keys-file reload at {last.clients:,} clients ≤ 2 s (slowest)",
+                f"{slowest:.2f} s",
+                slowest <= 2.0,
+            )
+        )
+    return checks
+
+
+def scale_markdown(report: ScaleReport) -> str:
+    meta = report.meta
+    out = [
+        f"# Gateway scale benchmark {meta['started']}",
+        "",
+        f"{meta['machine']}; Envoy {meta['envoy']} with --concurrency 1; "
+        f"wrk -t1, {meta['duration_s']:g}s per run, median of {meta['runs']} runs "
+        f"(gateways take turns); reloads: median (slowest) of {meta['repeats']}; "
+        f"the watcher polls every {meta['poll_s']:g} s; commit {meta['commit']}.",
+    ]
+    if report.clients:
+        out += ["", "## Gateway clients (2 routes sharing one keys file)", ""]
+        out += clients_table(report)
+    if report.routes:
+        out += ["", "## Routes", "", *routes_table(report)]
+    checks = scale_targets(report)
+    if checks:
+        out += ["", "## Targets (issue 13)", ""]
+        out += _table(
+            ("target", "measured", "met"), [(w, m, "yes" if ok else "NO") for w, m, ok in checks]
+        )
+    return "\n".join(out) + "\n"
+
+
 def markdown(report: Report) -> str:
     meta = report.meta
     out = [
@@ -182,12 +347,17 @@ def markdown(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
+def _save(folder: Path, prefix: str, started: str, text: str, data: Any) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{prefix}-{started.replace(':', '').replace('-', '')}"
+    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+    md.write_text(text)
+    js.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return md, js
+
+
 def write(report: Report, folder: Path) -> tuple[Path, Path]:
     """Save ``bench-<time>.md`` and ``.json`` under ``folder``; returns both paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"bench-{report.meta['started'].replace(':', '').replace('-', '')}"
-    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
-    md.write_text(markdown(report))
     data = {
         "meta": report.meta,
         "load": [
@@ -203,5 +373,15 @@ def write(report: Report, folder: Path) -> tuple[Path, Path]:
         "sse_streams": report.streams,
         "targets": [{"target": w, "measured": m, "met": ok} for w, m, ok in targets(report)],
     }
-    js.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    return md, js
+    return _save(folder, "bench", report.meta["started"], markdown(report), data)
+
+
+def write_scale(report: ScaleReport, folder: Path) -> tuple[Path, Path]:
+    """Save ``bench-scale-<time>.md`` and ``.json`` under ``folder``; returns both paths."""
+    data = {
+        "meta": report.meta,
+        "clients": [asdict(row) for row in report.clients],
+        "routes": [asdict(row) for row in report.routes],
+        "targets": [{"target": w, "measured": m, "met": ok} for w, m, ok in scale_targets(report)],
+    }
+    return _save(folder, "bench-scale", report.meta["started"], scale_markdown(report), data)

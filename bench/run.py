@@ -36,16 +36,16 @@ if str(ROOT) not in sys.path:
 
 import procstat  # noqa: E402
 import report  # noqa: E402
+import scale  # noqa: E402
 import sse_probe  # noqa: E402
 import topology  # noqa: E402
 import wrkload  # noqa: E402
+from measure import API_PATH, EXTPROC_STREAMS, measure  # noqa: E402
 from report import Report, Row, Sample  # noqa: E402
 from topology import Service, Topology  # noqa: E402
 
-API_PATH = topology.API_PREFIX + "v1/messages"
 COMMON_HEADERS = {"anthropic-version": "2023-06-01", "user-agent": "bench/1"}
 OAUTH = {"authorization": "Bearer sk-ant-oat01-bench-client-token-000000000000000000000000"}
-EXTPROC_STREAMS = "http.gateway.ext_proc.streams_started"
 EXTPROC_ACTIVE = "cluster.extproc.upstream_rq_active"
 DOWNSTREAM_ACTIVE = "gateway downstream requests active (min)"
 UPSTREAM_OPEN = "streams open at the upstream (min)"
@@ -82,65 +82,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--processor-command",
         help="run this instead of `python -m extproc serve` ({config} = the YAML path)",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: the scale tables (10 … 100,000 gateway clients, 10 … 1,000 routes)",
+    )
+    parser.add_argument("--reloads", type=int, default=5, help="--scale: reloads timed per count")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for the results")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.duration, args.sse_samples, args.streams = 1, 2.0, 20, 200
+        args.reloads = 2
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     return args
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """Counters read right before and right after a wrk run."""
-
-    cpu_s: dict[str, float]  # per watched process tree
-    rss_bytes: int  # the processor tree's
-    extproc_calls: int  # streams the gateway opened to the processor so far
-    busy_s: float  # the whole machine's busy CPU
-    ours_s: float  # our services' CPU plus finished wrk runs'
-
-
-def _snapshot(topo: Topology, target: Service) -> _Snapshot:
-    watched = {"envoy": target.pid, "processor": topo.processor.pid, "upstream": topo.upstream.pid}
-    usage = {name: procstat.usage(pid) for name, pid in watched.items()}
-    ours = sum(procstat.usage(s.pid).cpu_s for s in topo.services()) + procstat.children_cpu_s()
-    return _Snapshot(
-        cpu_s={name: u.cpu_s for name, u in usage.items()},
-        rss_bytes=usage["processor"].rss_bytes,
-        extproc_calls=topo.gateway.stats().get(EXTPROC_STREAMS, 0),
-        busy_s=procstat.machine_busy_s(),
-        ours_s=ours,
-    )
-
-
-def measure(topo: Topology, wrk: str, target: Service, script: Path, duration: float) -> Sample:
-    """wrk at 32 connections (throughput, latency, CPU per request), then at 1 (p50)."""
-    before = _snapshot(topo, target)
-    loaded = wrkload.run(wrk, script, target.url(API_PATH), 32, duration)
-    after = _snapshot(topo, target)
-    single = wrkload.run(wrk, script, target.url(API_PATH), 1, duration)
-    count = max(loaded.requests, 1)
-
-    def cpu_us(name: str) -> float:
-        return (after.cpu_s[name] - before.cpu_s[name]) / count * 1e6
-
-    others = (after.busy_s - before.busy_s) - (after.ours_s - before.ours_s)
-    return Sample(
-        rps=loaded.rps,
-        p50_ms=loaded.p50_ms,
-        p99_ms=loaded.p99_ms,
-        p50_c1_ms=single.p50_ms,
-        envoy_us=cpu_us("envoy"),
-        processor_us=cpu_us("processor"),
-        upstream_us=cpu_us("upstream"),
-        processor_rss_mb=after.rss_bytes / 2**20,
-        extproc_calls=(after.extproc_calls - before.extproc_calls) / count,
-        errors=loaded.errors + single.errors,
-        other_cpu_pct=max(0.0, others) / loaded.duration_s * 100,
-    )
 
 
 def run_load(
@@ -273,10 +229,36 @@ def _raise_file_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def main_scale(args: argparse.Namespace, wrk: str) -> int:
+    """``--scale``: one Markdown + JSON report with the clients and routes tables."""
+    folder = Path(tempfile.mkdtemp(prefix="gateway-bench-scale-"))
+    started = time.monotonic()
+    with topology.Stack(folder) as stack:
+        meta = {
+            **_meta(args, stack.envoy, wrk),
+            "repeats": args.reloads,
+            "poll_s": scale.POLL_SECONDS,
+        }
+        upstreams = topology.start_upstreams(stack)
+        print(f"upstreams up (logs in {folder}); measuring…", file=sys.stderr, flush=True)
+        clients = scale.run_clients(
+            stack, upstreams, wrk, runs=args.runs, duration=args.duration, repeats=args.reloads
+        )
+        routes = scale.run_routes(stack, upstreams, repeats=args.reloads)
+    shutil.rmtree(folder, ignore_errors=True)
+    result = report.ScaleReport(meta, clients, routes)
+    md, js = report.write_scale(result, args.output)
+    print(report.scale_markdown(result))
+    print(f"written: {md} and {js} ({time.monotonic() - started:.0f}s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wrk = wrkload.find_wrk()
     _raise_file_limit()
+    if args.scale:
+        return main_scale(args, wrk)
     scenarios = [SCENARIOS[key] for key in args.scenarios.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     started = time.monotonic()

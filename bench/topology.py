@@ -132,11 +132,15 @@ def gateway_config(
     sse: int,
     workers: int,
     server: str | None = None,
+    keys_file: Path | None = None,
+    routes: int = 2,
 ) -> dict[str, Any]:
     """The ops YAML for the gateway: two credential routes, one per upstream.
 
     ``server`` (the config's ``extproc.server``) is written only when given, so the
-    benchmark also runs against versions that do not know the key.
+    benchmark also runs against versions that do not know the key. ``keys_file``
+    turns on gateway keys for every route; ``routes`` above 2 adds routes
+    ``/r0002/`` … to the API upstream, all with the same credential.
     """
     extproc_block: dict[str, Any] = {"address": LOOPBACK, "port": extproc, "workers": workers}
     if server is not None:
@@ -147,26 +151,27 @@ def gateway_config(
         "secret": {"env": SERVER_KEY_ENV},
         "client_credentials": ["authorization", "x-api-key"],
     }
-    return {
+    api, events = f"http://{LOOPBACK}:{upstream}", f"http://{LOOPBACK}:{sse}"
+    config: dict[str, Any] = {
         "listener": {"address": LOOPBACK, "port": listener},
         "admin": {"address": LOOPBACK, "port": admin},
         "extproc": extproc_block,
         "metrics": {"address": LOOPBACK, "port": metrics},
-        "routes": [
-            {
-                "name": "anthropic",
-                "prefix": API_PREFIX,
-                "upstream": f"http://{LOOPBACK}:{upstream}",
-                "credential": credential,
-            },
-            {
-                "name": "sse",
-                "prefix": SSE_PREFIX,
-                "upstream": f"http://{LOOPBACK}:{sse}",
-                "credential": credential,
-            },
-        ],
     }
+    if keys_file is not None:
+        config["access"] = {"keys_file": str(keys_file)}
+    config["routes"] = [
+        {"name": "anthropic", "prefix": API_PREFIX, "upstream": api, "credential": credential},
+        {"name": "sse", "prefix": SSE_PREFIX, "upstream": events, "credential": credential},
+        *(numbered_route(number, api, credential) for number in range(2, routes)),
+    ]
+    return config
+
+
+def numbered_route(number: int, upstream: str, credential: dict[str, Any]) -> dict[str, Any]:
+    """Route ``r<number>`` (prefix ``/r<number>/``) for configs with many routes."""
+    name = f"r{number:04d}"
+    return {"name": name, "prefix": f"/{name}/", "upstream": upstream, "credential": credential}
 
 
 @dataclass
@@ -266,16 +271,28 @@ class Stack:
         processes.wait_envoy_ready(admin, _START_DEADLINE_S, process)
         return service
 
-    def processor_service(self, config: Path, port: int, command: str | None) -> Service:
-        """Start the processor (ours, or ``command`` with ``{config}``) and wait for SERVING."""
+    def processor_service(
+        self,
+        config: Path,
+        port: int,
+        command: str | None,
+        name: str = "processor",
+        xds_dir: Path | None = None,
+    ) -> Service:
+        """Start the processor (ours, or ``command`` with ``{config}``) and wait for SERVING.
+
+        With ``xds_dir`` ours rewrites the xDS files there on every config change.
+        """
         argv = (
             shlex.split(command.format(config=config))
             if command
             else [sys.executable, "-m", "extproc", "serve", str(config)]
         )
+        if xds_dir is not None:
+            argv += ["--xds-dir", str(xds_dir)]
         env = {**os.environ, SERVER_KEY_ENV: SERVER_KEY}
-        process, log = self._spawn("processor", argv, env)
-        service = Service("processor", process, log, port)
+        process, log = self._spawn(name, argv, env)
+        service = Service(name, process, log, port)
         self.services.append(service)
         processes.wait_serving(f"{LOOPBACK}:{port}", _START_DEADLINE_S, process)
         return service
@@ -306,11 +323,40 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], name: str) -> N
         time.sleep(0.05)
 
 
-def start(
-    stack: Stack, workers: int, processor_command: str | None, server: str | None = None
-) -> Topology:
-    """Upstreams first, then the baseline, then processor → gateway Envoy."""
-    folder = stack.folder
+@dataclass(frozen=True)
+class Upstreams:
+    upstream: Service  # the direct-response Envoy
+    sse: Service
+    baseline: Service  # the bare Envoy proxy in front of both
+
+
+@dataclass(frozen=True)
+class Gateway:
+    processor: Service
+    envoy: Service
+    config: Path
+    xds_dir: Path | None  # dynamic mode: the files the processor rewrites on a change
+
+    def topology(self, upstreams: Upstreams) -> Topology:
+        """This gateway with the shared upstreams, as ``measure`` takes it."""
+        return Topology(
+            upstreams.upstream, upstreams.sse, upstreams.baseline,
+            self.processor, self.envoy, self.config,
+        )  # fmt: skip
+
+
+def render(config: Path, output: Path, xds_dir: Path | None = None) -> None:
+    """``python -m extproc render CONFIG -o OUTPUT [--xds-dir DIR]`` as an operator runs it."""
+    extra = ["--xds-dir", str(xds_dir)] if xds_dir else []
+    subprocess.run(
+        [sys.executable, "-m", "extproc", "render", str(config), "-o", str(output), *extra],
+        check=True,
+        env={**os.environ, "PYTHONPATH": _python_path()},
+    )
+
+
+def start_upstreams(stack: Stack) -> Upstreams:
+    """The direct-response Envoy, the SSE upstream, then the bare Envoy proxy."""
     ports = {name: free_port() for name in ("up", "up_admin", "sse", "base", "base_admin")}
     upstream = stack.envoy_service(
         "upstream", upstream_bootstrap(ports["up"], ports["up_admin"]), ports["up"]
@@ -322,29 +368,58 @@ def start(
         baseline_bootstrap(ports["base"], ports["base_admin"], ports["up"], ports["sse"]),
         ports["base"],
     )
+    return Upstreams(upstream, sse, baseline)
+
+
+def start_gateway(
+    stack: Stack,
+    upstreams: Upstreams,
+    *,
+    name: str = "gateway",
+    workers: int = 1,
+    processor_command: str | None = None,
+    server: str | None = None,
+    keys_file: Path | None = None,
+    routes: int = 2,
+    xds: bool = False,
+) -> Gateway:
+    """Processor, then Envoy with the rendered bootstrap (``xds``: dynamic resources).
+
+    Names other than ``gateway`` prefix the config, logs and xDS folder, so
+    several gateways can run side by side in one stack.
+    """
+    prefix = "" if name == "gateway" else f"{name}-"
     listener, extproc = free_port(), free_port()
-    config = folder / "gateway.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            gateway_config(
-                listener=listener,
-                admin=free_port(),
-                extproc=extproc,
-                metrics=free_port(),
-                upstream=ports["up"],
-                sse=ports["sse"],
-                workers=workers,
-                server=server,
-            ),
-            sort_keys=False,
-        )
+    config = stack.folder / f"{prefix}gateway.yaml"
+    settings = gateway_config(
+        listener=listener,
+        admin=free_port(),
+        extproc=extproc,
+        metrics=free_port(),
+        upstream=upstreams.upstream.port,
+        sse=upstreams.sse.port,
+        workers=workers,
+        server=server,
+        keys_file=keys_file,
+        routes=routes,
     )
-    processor = stack.processor_service(config, extproc, processor_command)
-    bootstrap = folder / "gateway-envoy.yaml"
-    subprocess.run(
-        [sys.executable, "-m", "extproc", "render", str(config), "-o", str(bootstrap)],
-        check=True,
-        env={**os.environ, "PYTHONPATH": _python_path()},
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    xds_dir = stack.folder / f"{prefix}xds" if xds else None
+    processor = stack.processor_service(
+        config, extproc, processor_command, f"{prefix}processor", xds_dir
     )
-    gateway = stack.envoy_service("gateway", bootstrap, listener)
-    return Topology(upstream, sse, baseline, processor, gateway, config)
+    bootstrap = stack.folder / f"{prefix}gateway-envoy.yaml"
+    render(config, bootstrap, xds_dir)
+    envoy = stack.envoy_service(name, bootstrap, listener)
+    return Gateway(processor, envoy, config, xds_dir)
+
+
+def start(
+    stack: Stack, workers: int, processor_command: str | None, server: str | None = None
+) -> Topology:
+    """Upstreams first, then the baseline, then processor → gateway Envoy."""
+    upstreams = start_upstreams(stack)
+    gateway = start_gateway(
+        stack, upstreams, workers=workers, processor_command=processor_command, server=server
+    )
+    return gateway.topology(upstreams)

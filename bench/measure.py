@@ -1,0 +1,71 @@
+"""One measured wrk run against one target: throughput, latency, CPU and memory per request.
+
+CPU per request is read from /proc around the loaded run (see procstat), so
+it is what each process really burnt; "other CPU" is the rest of the machine
+meanwhile, the noise to read the figures against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import procstat
+import topology
+import wrkload
+from report import Sample
+from topology import Service, Topology
+
+API_PATH = topology.API_PREFIX + "v1/messages"
+EXTPROC_STREAMS = "http.gateway.ext_proc.streams_started"
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Counters read right before and right after a wrk run."""
+
+    cpu_s: dict[str, float]  # per watched process tree
+    rss_bytes: int  # the processor tree's
+    extproc_calls: int  # streams the gateway opened to the processor so far
+    busy_s: float  # the whole machine's busy CPU
+    ours_s: float  # our services' CPU plus finished wrk runs'
+
+
+def _snapshot(topo: Topology, target: Service) -> _Snapshot:
+    watched = {"envoy": target.pid, "processor": topo.processor.pid, "upstream": topo.upstream.pid}
+    usage = {name: procstat.usage(pid) for name, pid in watched.items()}
+    ours = sum(procstat.usage(s.pid).cpu_s for s in topo.services()) + procstat.children_cpu_s()
+    return _Snapshot(
+        cpu_s={name: u.cpu_s for name, u in usage.items()},
+        rss_bytes=usage["processor"].rss_bytes,
+        extproc_calls=topo.gateway.stats().get(EXTPROC_STREAMS, 0),
+        busy_s=procstat.machine_busy_s(),
+        ours_s=ours,
+    )
+
+
+def measure(topo: Topology, wrk: str, target: Service, script: Path, duration: float) -> Sample:
+    """wrk at 32 connections (throughput, latency, CPU per request), then at 1 (p50)."""
+    before = _snapshot(topo, target)
+    loaded = wrkload.run(wrk, script, target.url(API_PATH), 32, duration)
+    after = _snapshot(topo, target)
+    single = wrkload.run(wrk, script, target.url(API_PATH), 1, duration)
+    count = max(loaded.requests, 1)
+
+    def cpu_us(name: str) -> float:
+        return (after.cpu_s[name] - before.cpu_s[name]) / count * 1e6
+
+    others = (after.busy_s - before.busy_s) - (after.ours_s - before.ours_s)
+    return Sample(
+        rps=loaded.rps,
+        p50_ms=loaded.p50_ms,
+        p99_ms=loaded.p99_ms,
+        p50_c1_ms=single.p50_ms,
+        envoy_us=cpu_us("envoy"),
+        processor_us=cpu_us("processor"),
+        upstream_us=cpu_us("upstream"),
+        processor_rss_mb=after.rss_bytes / 2**20,
+        extproc_calls=(after.extproc_calls - before.extproc_calls) / count,
+        errors=loaded.errors + single.errors,
+        other_cpu_pct=max(0.0, others) / loaded.duration_s * 100,
+    )
