@@ -298,7 +298,7 @@ def _render_times(folder: Path, count: int) -> RouteScale:
     load_s = _timed(lambda: compile_policy(load_config(config), ENVIRON))
     again = folder / f"routes{count}-inprocess-xds"
     xds_write_s = _timed(lambda: XdsWriter(again).write(loaded))
-    rds = xds_dir / "rds.yaml"
+    rds = xds_dir / RESOURCE_FILES["rds"]
     return RouteScale(
         routes=count,
         envoy_routes=_envoy_routes(rds),

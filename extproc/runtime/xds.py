@@ -19,7 +19,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from extproc.config.model import Endpoint, GatewayConfig
-from extproc.render.bootstrap import RESOURCE_FILES, render_resources, to_yaml
+from extproc.render.bootstrap import RESOURCE_FILES, render_resources, to_json
 from extproc.render.clusters import clusters
 from extproc.render.common import Json
 from extproc.runtime.envoy_admin import admin_get
@@ -81,9 +81,7 @@ class XdsWriter:
         retired = [cluster for cluster in self._previous if cluster["name"] not in names]
         documents = render_resources(config, self.xds_dir, retired)
         for kind in ("cds", "rds", "lds"):
-            atomic_write(
-                self.xds_dir / RESOURCE_FILES[kind], to_yaml(documents[kind], config.source)
-            )
+            atomic_write(self.xds_dir / RESOURCE_FILES[kind], to_json(documents[kind]))
             if kind == "cds" and self._previous:
                 added = names - {cluster["name"] for cluster in self._previous}
                 wait_for_clusters(config.admin, added, CLUSTER_WAIT_SECONDS)

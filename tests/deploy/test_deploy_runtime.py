@@ -321,7 +321,7 @@ def test_image_command_starts_the_processor_and_passes_the_health_check(
     processor = start("extproc", sandbox.command(image.entrypoint + image.cmd))
     wait_until_succeeds(health, processor)
     xds_dir = sandbox.path(option(image.cmd, "--xds-dir"))
-    assert {"lds.yaml", "cds.yaml"} <= {p.name for p in xds_dir.iterdir()}
+    assert {"lds.json", "cds.json"} <= {p.name for p in xds_dir.iterdir()}
     assert processes.stop(processor.popen) == 0, "SIGTERM is a clean stop"
 
 

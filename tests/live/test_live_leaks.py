@@ -166,7 +166,7 @@ def test_no_secret_or_client_credential_appears_in_anything_the_gateway_writes_o
     written = files_under(gateway.workdir)
     # The scan must have had something to find a leak in.
     names = {Path(path).name for path in written}
-    assert {"extproc.log", "envoy.log", "envoy.yaml", "lds.yaml", "rds.yaml", "cds.yaml"} <= names
+    assert {"extproc.log", "envoy.log", "envoy.yaml", "lds.json", "rds.json", "cds.json"} <= names
     assert len(gateway.access_log()) >= 36  # one line per request above, and the polls
     assert b"gateway_decisions_total" in shown["metrics page"]
     log = gateway.extproc_log.read_text()  # the refused changes were reported, by file

@@ -6,6 +6,7 @@ Regenerate after a deliberate change with ``make golden`` (UPDATE_GOLDEN=1).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -91,8 +92,8 @@ def test_dynamic_resources_parse_as_envoy_messages(tmp_path: Path) -> None:
     XdsWriter(tmp_path / "xds").write(config)
     bootstrap = yaml.safe_load(render_yaml(config, tmp_path / "xds"))
     json_format.ParseDict(bootstrap, bootstrap_pb2.Bootstrap())
-    for name in ("cds.yaml", "rds.yaml", "lds.yaml"):
-        document = yaml.safe_load((tmp_path / "xds" / name).read_text())
+    for name in ("cds.json", "rds.json", "lds.json"):
+        document = json.loads((tmp_path / "xds" / name).read_text())
         parsed = json_format.ParseDict(document, discovery_pb2.DiscoveryResponse())
         assert parsed.resources, name
 
