@@ -664,6 +664,9 @@ def test_a_client_table_smaller_than_4096_gets_a_table_size_update_first() -> No
 
         def attack() -> None:
             peer.wait(lambda s: s.settings_acks > 0, "SETTINGS ACK")
+            # Room for every answer: a fast run makes ~10,000 calls, 7 DATA bytes each,
+            # which would fill the default 65,535-byte connection window and stall.
+            peer.send(window_update(0, 1 << 30))
             stream = 1
             for _ in until(ATTACK_S):
                 toggle = setting(w.SETTINGS_HEADER_TABLE_SIZE, 4096 if stream % 4 == 1 else 0)
