@@ -63,15 +63,29 @@ def token_of(name: str, value: bytes) -> bytes:
     """The credential in a header value: for Authorization, what follows the scheme."""
     stripped = value.strip()
     if name == "authorization":
-        scheme, _, rest = stripped.partition(b" ")
-        if rest or scheme.lower() in _BARE_SCHEMES:
-            return rest.strip()
+        words = stripped.split(None, 1)
+        if len(words) == 2 or (words and words[0].lower() in _BARE_SCHEMES):
+            return words[1].strip() if len(words) == 2 else b""
     return stripped
 
 
-def is_blank(name: str, value: bytes) -> bool:
-    """True for a credential header that carries nothing usable."""
-    return not token_of(name, value)
+def gateway_key(value: bytes) -> bytes | None:
+    """The gateway key a credential header carries: None for none, b"" for a malformed one.
+
+    A value is taken for a gateway key as Envoy's route table takes it: any comma-separated
+    part whose first or second word starts with ``gk-``. Only ``gk-…`` alone or after one
+    scheme word (``Bearer gk-…``) is a well-formed key; anything else with ``gk-`` in those
+    places (``gk-key extra``, ``sk-own,gk-key``) is malformed: it is never a client's own
+    credential, and never valid.
+    """
+    parts = value.split(b",")
+    flagged = [p for p in parts if any(w.startswith(_KEY_PREFIX) for w in p.split()[:2])]
+    if not flagged:
+        return None
+    words = flagged[0].split()
+    alone = len(words) == 1 or (len(words) == 2 and not words[0].startswith(_KEY_PREFIX))
+    well_formed = len(parts) == 1 and alone and words[-1].startswith(_KEY_PREFIX)
+    return words[-1] if well_formed else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,26 +121,25 @@ def _scan(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> _Seen:
     key_header = rule.keys.header if rule.keys else None
     for name, value in headers:
         lower = name.lower()
-        if lower in STANDARD_SLOTS or lower in rule.client_credentials or lower == key_header:
-            token = token_of(lower, value)
-            if lower == key_header:  # Envoy strips this header on every route
-                seen.presented.add(token)
-            elif token.startswith(_KEY_PREFIX):
+        if lower == key_header:  # Envoy strips this header on every route
+            seen.presented.add(value.strip())
+        elif lower in STANDARD_SLOTS or lower in rule.client_credentials:
+            key = gateway_key(value)
+            if key is not None:
                 _add(seen.keyed, lower)
-                seen.presented.add(token)
-            elif lower not in rule.client_credentials:
-                continue
-            elif not token or token in rule.placeholders:
-                _add(seen.blank, lower)
-            else:
-                _add(seen.filled, lower)
-                if paying is None:
-                    paying = (
-                        Outcome.CLIENT_AUTHORIZATION
-                        if lower == "authorization"
-                        else Outcome.CLIENT_API_KEY
-                    )
+                seen.presented.add(key)
+            elif lower in rule.client_credentials:
+                token = token_of(lower, value)
+                if not token or token in rule.placeholders:
+                    _add(seen.blank, lower)
+                else:
+                    _add(seen.filled, lower)
+                    paying = paying or _paying(lower)
     return seen._replace(paying=paying)
+
+
+def _paying(header: str) -> Outcome:
+    return Outcome.CLIENT_AUTHORIZATION if header == "authorization" else Outcome.CLIENT_API_KEY
 
 
 def _add(names: list[str], name: str) -> None:

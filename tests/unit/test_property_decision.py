@@ -14,6 +14,7 @@ and invalid gateway keys in every slot, and arbitrary bytes.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -64,6 +65,10 @@ _VALUES = st.one_of(
     _BLANKS,
     st.sampled_from([b"Bearer", b"bearer ", b" BASIC\t", b"Bearer x", b"Token ", b",", b"\xa0"]),
     st.sampled_from([b"dummy", b"Bearer dummy", b" EMPTY ", b"empty", b"gk-", b"gk-nobody"]),
+    st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: key + b" extra"),
+    st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b"Bearer\t" + key),
+    st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b"sk-own," + key),
+    st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b"x y " + key),
     st.sampled_from(list(GATEWAY_KEYS.values())),
     st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b"Bearer " + key),
     st.sampled_from(list(GATEWAY_KEYS.values())).map(lambda key: b" " + key + b"\t"),
@@ -99,15 +104,28 @@ class Expected:
     client: str  # the gateway key's name when a key was checked and valid
 
 
+_FLAGGED = re.compile(rb"(?:^|,)\s*(?:\S+\s+)?gk-")  # as Envoy's route table flags a key
+_WELL_FORMED = re.compile(rb"\s*(?:(?!gk-)\S+\s+)?(gk-\S*)\s*")
+
+
+def _key_in(value: bytes) -> bytes | None:
+    """The oracle's gateway key in a credential slot: None, or the key (b"" if malformed)."""
+    if not _FLAGGED.search(value):
+        return None
+    whole = _WELL_FORMED.fullmatch(value)
+    return whole.group(1) if whole and b"," not in value else b""
+
+
 def _presented(rule: RouteRule, lowered: Sequence[tuple[str, bytes]]) -> list[bytes]:
-    """Gateway keys: ``gk-`` tokens in any slot, and whatever is in the access header."""
+    """Gateway keys: flagged values in any slot, and whatever is in the access header."""
     slots = {*rule.client_credentials, "authorization", "x-api-key"}
     key_header = rule.keys.header if rule.keys else None
-    return [
-        token_of(name, value)
-        for name, value in lowered
-        if name == key_header or (name in slots and token_of(name, value).startswith(b"gk-"))
-    ]
+    found = []
+    for name, value in lowered:
+        key = value.strip() if name == key_header else _key_in(value) if name in slots else None
+        if key is not None:
+            found.append(key)
+    return found
 
 
 def _own(rule: RouteRule, name: str, value: bytes) -> bool:
@@ -116,7 +134,7 @@ def _own(rule: RouteRule, name: str, value: bytes) -> bool:
     if name not in rule.client_credentials or not token:
         return False
     key_header = rule.keys.header if rule.keys else None
-    return name != key_header and token not in rule.placeholders and not token.startswith(b"gk-")
+    return name != key_header and token not in rule.placeholders and _key_in(value) is None
 
 
 def expected(rule: RouteRule, headers: Sequence[tuple[str, bytes]]) -> Expected:
@@ -173,7 +191,7 @@ def test_decision_is_deterministic_and_removes_only_blank_client_credentials(
         name
         for name, value in lowered
         if name in {*rule.client_credentials, "authorization", "x-api-key"}
-        and token_of(name, value).startswith(b"gk-")
+        and _key_in(value) is not None
     }
     unusable = {
         name
@@ -194,8 +212,7 @@ def test_decision_is_deterministic_and_removes_only_blank_client_credentials(
 def test_decision_without_gateway_keys_denies_only_a_gateway_key(headers: Headers) -> None:
     rule = RouteRule("x-api-key", frozenset(CREDENTIAL_NAMES), True)
     keyed = any(
-        name.lower() in CREDENTIAL_NAMES and token_of(name.lower(), value).startswith(b"gk-")
-        for name, value in headers
+        name.lower() in CREDENTIAL_NAMES and _key_in(value) is not None for name, value in headers
     )
     assert (decide(rule, headers).outcome is Outcome.DENIED) == keyed
 
