@@ -22,8 +22,6 @@ from harness.populations import (
     SERVER_ANTHROPIC,
     ClientsGateway,
     Population,
-    credentials,
-    expected_credentials,
     resolve,
 )
 
@@ -88,11 +86,7 @@ def test_anthropic_sdk(
 ) -> None:
     key = clients_gateway.gateway_key
     call(sdk(clients_gateway.url(population.prefix), resolve(population.arguments, key)))
-
-    seen = clients_gateway.anthropic.only_request()
-    assert seen.path == path
-    assert credentials(seen) == expected_credentials(population.expected, key)
-    assert clients_gateway.leaked() == []
+    clients_gateway.check_reached(clients_gateway.anthropic, path, population)
 
 
 def test_anthropic_sdk_mistyped_gateway_key_gets_401_and_reaches_no_upstream(

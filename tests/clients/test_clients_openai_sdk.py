@@ -20,8 +20,6 @@ from harness.populations import (
     SERVER_OPENAI,
     ClientsGateway,
     Population,
-    credentials,
-    expected_credentials,
     resolve,
 )
 
@@ -87,11 +85,7 @@ def test_openai_sdk(
 ) -> None:
     key = clients_gateway.gateway_key
     call(sdk(clients_gateway.url(population.prefix), resolve(population.arguments, key)))
-
-    seen = clients_gateway.openai.only_request()
-    assert seen.path == path
-    assert credentials(seen) == expected_credentials(population.expected, key)
-    assert clients_gateway.leaked() == []
+    clients_gateway.check_reached(clients_gateway.openai, path, population)
 
 
 def test_openai_sdk_mistyped_gateway_key_gets_401_and_reaches_no_upstream(

@@ -157,6 +157,14 @@ class ClientsGateway:
     def requests(self) -> list[RecordedRequest]:
         return [seen for upstream in self.upstreams() for seen in upstream.requests]
 
+    def check_reached(self, upstream: RecordingUpstream, path: str, population: Population) -> None:
+        """``upstream`` got one request, for ``path``, with exactly the population's credentials."""
+        seen = upstream.only_request()
+        assert seen.path == path
+        key = self.gateway_key
+        assert credentials(seen) == expected_credentials(population.expected, key)
+        assert self.leaked() == []
+
     def leaked(self) -> list[str]:
         """Gateway keys found anywhere an upstream could see them (headers, targets, bodies)."""
         blobs = [
