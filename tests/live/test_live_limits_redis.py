@@ -101,6 +101,22 @@ def eventually(check: Callable[[], bool]) -> None:
     poll(check, bool, "reached")
 
 
+def paced(send: Callable[[int], int]) -> int:
+    """3 x LIMIT requests, one per two sync intervals; how many were admitted.
+
+    Paced like this every counter has seen the others' counts before the next request: the
+    documented overshoot (what other replicas admit in one sync interval) is at most 1.
+    """
+    away_from_a_minute_boundary(15)
+    admitted = 0
+    for n in range(3 * LIMIT):
+        status = send(n)
+        assert status in (200, 429)
+        admitted += status == 200
+        time.sleep(2 * SYNC_MS / 1000)
+    return admitted
+
+
 def test_a_clients_limit_holds_across_two_gateways(
     start_gateway: Callable[..., Gateway],
     start_upstream: Callable[..., RecordingUpstream],
@@ -109,19 +125,9 @@ def test_a_clients_limit_holds_across_two_gateways(
 ) -> None:
     upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
     gateways = two_gateways(start_gateway, upstream, tmp_path, redis)
-    away_from_a_minute_boundary(15)
-    admitted = 0
-    for n in range(3 * LIMIT):  # one request per sync interval, alternating gateways
-        status = post(gateways[n % 2][0], ALICE)
-        assert status in (200, 429)
-        admitted += status == 200
-        time.sleep(2 * SYNC_MS / 1000)
-    # paced like this each gateway has seen the other's count before its next request:
-    # the documented overshoot (requests per sync interval x other replicas) is at most 1
+    admitted = paced(lambda n: post(gateways[n % 2][0], ALICE))  # alternating gateways
     assert LIMIT <= admitted <= LIMIT + 1
     assert len(upstream.requests) == admitted
-    # both workers count through the store (each has its own connection to it)
-    assert redis.command("CLIENT", "LIST").count(b"cmd=") >= 3  # 2 workers + this command
     assert all(post(gateway, OWN) == 200 for gateway, _ in gateways)  # never limited
 
 
@@ -173,11 +179,7 @@ def test_workers_share_one_limit_through_the_store(
 ) -> None:
     upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
     gateway, _ = limited_gateway(start_gateway, upstream, tmp_path, redis, extproc={"workers": 2})
-    away_from_a_minute_boundary(15)
-    admitted = 0
-    for _ in range(3 * LIMIT):  # new connections, so Envoy spreads calls over both workers
-        admitted += post(gateway, ALICE) == 200
-        time.sleep(2 * SYNC_MS / 1000)
+    admitted = paced(lambda _: post(gateway, ALICE))  # new connections: both workers get calls
     assert LIMIT <= admitted <= LIMIT + 1
     assert len(upstream.requests) == admitted
     # both workers count through the store (each has its own connection to it)
