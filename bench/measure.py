@@ -7,6 +7,7 @@ meanwhile, the noise to read the figures against.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from topology import Service, Topology
 
 API_PATH = topology.API_PREFIX + "v1/messages"
 EXTPROC_STREAMS = "http.gateway.ext_proc.streams_started"
+EXTPROC_CLOSED = "http.gateway.ext_proc.streams_closed"
+EXTPROC_ACTIVE = "cluster.extproc.upstream_rq_active"  # gRPC streams open, both filters'
+METERING_STREAMS = "http.gateway.ext_proc.metering.streams_started"
+# An observing stream Envoy could not open or keep (failure_mode_allow: the request went on
+# unmetered), e.g. over the extproc cluster's circuit-breaker limits.
+METERING_LOST = (
+    "http.gateway.ext_proc.metering.failure_mode_allowed",
+    "http.gateway.ext_proc.metering.streams_failed",
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,8 @@ class _Snapshot:
     cpu_s: dict[str, float]  # per watched process tree
     rss_bytes: int  # the processor tree's
     extproc_calls: int  # streams the gateway opened to the processor so far
+    metering_calls: int  # of those, the observing filter's (metering: true)
+    metering_lost: int  # observing streams that failed (requests went on unmetered)
     busy_s: float  # the whole machine's busy CPU
     ours_s: float  # our services' CPU plus finished wrk runs'
 
@@ -35,20 +47,39 @@ def _snapshot(topo: Topology, target: Service) -> _Snapshot:
     watched = {"envoy": target.pid, "processor": topo.processor.pid, "upstream": topo.upstream.pid}
     usage = {name: procstat.usage(pid) for name, pid in watched.items()}
     ours = sum(procstat.usage(s.pid).cpu_s for s in topo.services()) + procstat.children_cpu_s()
+    stats = topo.gateway.stats()
     return _Snapshot(
         cpu_s={name: u.cpu_s for name, u in usage.items()},
         rss_bytes=usage["processor"].rss_bytes,
-        extproc_calls=topo.gateway.stats().get(EXTPROC_STREAMS, 0),
+        extproc_calls=stats.get(EXTPROC_STREAMS, 0),
+        metering_calls=stats.get(METERING_STREAMS, 0),
+        metering_lost=sum(stats.get(name, 0) for name in METERING_LOST),
         busy_s=procstat.machine_busy_s(),
         ours_s=ours,
     )
 
 
+def settle(topo: Topology, deadline_s: float = 15.0) -> None:
+    """Wait until the gateway has no gRPC stream open to the processor.
+
+    Envoy keeps an observing (metering) stream open up to its ``deferred_close_timeout``
+    (5 s) after the response, and the processor reports the usage when it closes;
+    waiting for that before each snapshot puts all of a run's work in its own window.
+    """
+    end = time.monotonic() + deadline_s
+    while topo.gateway.stats().get(EXTPROC_ACTIVE, 0) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
 def measure(topo: Topology, wrk: str, target: Service, script: Path, duration: float) -> Sample:
     """wrk at 32 connections (throughput, latency, CPU per request), then at 1 (p50)."""
+    settle(topo)
     before = _snapshot(topo, target)
+    started = time.monotonic()
     loaded = wrkload.run(wrk, script, target.url(API_PATH), 32, duration)
+    settle(topo)
     after = _snapshot(topo, target)
+    window = time.monotonic() - started
     single = wrkload.run(wrk, script, target.url(API_PATH), 1, duration)
     count = max(loaded.requests, 1)
 
@@ -67,5 +98,7 @@ def measure(topo: Topology, wrk: str, target: Service, script: Path, duration: f
         processor_rss_mb=after.rss_bytes / 2**20,
         extproc_calls=(after.extproc_calls - before.extproc_calls) / count,
         errors=loaded.errors + single.errors,
-        other_cpu_pct=max(0.0, others) / loaded.duration_s * 100,
+        other_cpu_pct=max(0.0, others) / window * 100,
+        metering_calls=(after.metering_calls - before.metering_calls) / count,
+        metering_lost=after.metering_lost - before.metering_lost,
     )

@@ -22,6 +22,9 @@ TTFB_DIRECT = "direct to upstream"
 TTFB_INJECTED = "gateway, injected"
 STREAMS_HELD = "ext_proc gRPC streams open (max while held)"
 STREAMS_RSS = "processor RSS MB (streams held)"
+EVENT_PROCESSOR_US = "processor CPU µs per SSE event (streams held)"
+EVENT_ENVOY_US = "gateway Envoy CPU µs per SSE event (streams held)"
+DECISIONS_HELD = "of which decision streams (max while held)"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Sample:
     extproc_calls: float  # ext_proc streams Envoy opened, per request
     errors: int
     other_cpu_pct: float  # CPU used by other processes on the machine meanwhile (noise)
+    metering_calls: float = 0.0  # of the ext_proc streams, the observing filter's, per request
+    metering_lost: int = 0  # observing streams that failed (the requests went on unmetered)
 
 
 @dataclass
@@ -117,49 +122,61 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
 
 
 def load_table(report: Report) -> list[str]:
-    header = (
+    metering = bool(report.meta.get("metering"))
+    header: tuple[str, ...] = (
         "scenario", "target", "req/s", "ratio", "p50 ms", "p99 ms", "p50 ms @1 conn",
         "Δp50 @1 ms", "Envoy µs/req", "processor µs/req", "processor RSS MB",
         "ext_proc calls/req", "errors", "other CPU %",
     )  # fmt: skip
+    if metering:
+        header += ("metering streams/req", "metering lost")
     lines = []
     for scenario in dict.fromkeys(r.scenario for r in report.rows):
         base, gateway = report.pair(scenario)
         for row in (base, gateway):
             is_gateway = row is gateway
-            lines.append(
-                (
-                    scenario,
-                    row.target,
-                    f"{row.median('rps'):,.0f}",
-                    f"{row.median('rps') / base.median('rps'):.2f}",
-                    _ms(row.median("p50_ms")),
-                    _ms(row.median("p99_ms")),
-                    _ms(row.median("p50_c1_ms")),
-                    f"{row.median('p50_c1_ms') - base.median('p50_c1_ms'):+.3f}",
-                    f"{row.median('envoy_us'):.1f}",
-                    f"{row.median('processor_us'):.1f}" if is_gateway else "—",
-                    f"{row.median('processor_rss_mb'):.1f}" if is_gateway else "—",
-                    f"{row.median('extproc_calls'):.2f}" if is_gateway else "—",
-                    str(sum(s.errors for s in row.samples)),
-                    f"{row.median('other_cpu_pct'):.0f}",
-                )
+            line: tuple[str, ...] = (
+                scenario,
+                row.target,
+                f"{row.median('rps'):,.0f}",
+                f"{row.median('rps') / base.median('rps'):.2f}",
+                _ms(row.median("p50_ms")),
+                _ms(row.median("p99_ms")),
+                _ms(row.median("p50_c1_ms")),
+                f"{row.median('p50_c1_ms') - base.median('p50_c1_ms'):+.3f}",
+                f"{row.median('envoy_us'):.1f}",
+                f"{row.median('processor_us'):.1f}" if is_gateway else "—",
+                f"{row.median('processor_rss_mb'):.1f}" if is_gateway else "—",
+                f"{row.median('extproc_calls'):.2f}" if is_gateway else "—",
+                str(sum(s.errors for s in row.samples)),
+                f"{row.median('other_cpu_pct'):.0f}",
             )
+            if metering:
+                lost = sum(s.metering_lost for s in row.samples)
+                calls = f"{row.median('metering_calls'):.2f}"
+                line += (calls, str(lost)) if is_gateway else ("—", "—")
+            lines.append(line)
     return _table(header, lines)
 
 
 def sse_table(report: Report) -> list[str]:
-    direct = report.ttfb[TTFB_DIRECT]["first_event_ms"]
+    direct = report.ttfb[TTFB_DIRECT]
     lines = [
         (
             name,
             _ms(t["first_byte_ms"]),
             _ms(t["first_event_ms"]),
-            f"{t['first_event_ms'] - direct:+.3f}",
+            f"{t['first_event_ms'] - direct['first_event_ms']:+.3f}",
+            _ms(t["event_lag_ms"]),
+            f"{t['event_lag_ms'] - direct['event_lag_ms']:+.3f}",
         )
         for name, t in report.ttfb.items()
     ]
-    return _table(("path", "first byte ms", "first event ms", "Δ first event vs direct ms"), lines)
+    header = (
+        "path", "first byte ms", "first event ms", "Δ first event vs direct ms",
+        "event lag ms", "Δ event lag vs direct ms",
+    )  # fmt: skip
+    return _table(header, lines)
 
 
 def streams_table(report: Report) -> list[str]:
@@ -189,9 +206,12 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
         delta = gw_event - report.ttfb[TTFB_DIRECT]["first_event_ms"]
         checks.append(("SSE first event ≤ direct + 1 ms", f"{delta:+.3f} ms", delta <= 1.0))
     if report.streams:
-        held = report.streams[STREAMS_HELD]
+        # With metering each stream is observed by a stream of its own, by design: then
+        # only the decision filter's streams must all have ended.
+        held = report.streams[DECISIONS_HELD if report.meta.get("metering") else STREAMS_HELD]
         rss = report.streams[STREAMS_RSS]
-        checks.append(("SSE streams hold no processor stream", f"{held:g} open", held == 0))
+        what = "decision stream" if report.meta.get("metering") else "processor stream"
+        checks.append((f"SSE streams hold no {what}", f"{held:g} open", held == 0))
         checks.append(("processor RSS ≤ 80 MB with the streams", f"{rss:.1f} MB", rss <= 80))
     return checks
 
@@ -327,7 +347,8 @@ def markdown(report: Report) -> str:
         f"{meta['machine']}; Envoy {meta['envoy']} with --concurrency 1; "
         f"wrk -t1, {meta['duration_s']:g}s per run, median of {meta['runs']} runs "
         f"(targets alternate); processor: `{meta['processor']}` "
-        f"(server: {meta['server']}, workers: {meta['workers']}); commit {meta['commit']}.",
+        f"(server: {meta['server']}, workers: {meta['workers']}, "
+        f"metering: {'on' if meta.get('metering') else 'off'}); commit {meta['commit']}.",
         "",
         "## Load (32 connections unless noted)",
         "",

@@ -40,13 +40,20 @@ import scale  # noqa: E402
 import sse_probe  # noqa: E402
 import topology  # noqa: E402
 import wrkload  # noqa: E402
-from measure import API_PATH, EXTPROC_STREAMS, measure  # noqa: E402
+from measure import (  # noqa: E402
+    API_PATH,
+    EXTPROC_ACTIVE,
+    EXTPROC_CLOSED,
+    EXTPROC_STREAMS,
+    METERING_STREAMS,
+    measure,
+    settle,
+)
 from report import Report, Row, Sample  # noqa: E402
 from topology import Service, Topology  # noqa: E402
 
 COMMON_HEADERS = {"anthropic-version": "2023-06-01", "user-agent": "bench/1"}
 OAUTH = {"authorization": "Bearer sk-ant-oat01-bench-client-token-000000000000000000000000"}
-EXTPROC_ACTIVE = "cluster.extproc.upstream_rq_active"
 DOWNSTREAM_ACTIVE = "gateway downstream requests active (min)"
 UPSTREAM_OPEN = "streams open at the upstream (min)"
 RESULTS = ROOT / "bench" / "results"
@@ -78,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sse", action="store_true", help="skip the SSE measurements")
     parser.add_argument("--workers", type=int, default=1, help="the config's extproc.workers")
     parser.add_argument("--server", help="the config's extproc.server (default: the config's)")
+    parser.add_argument(
+        "--metering",
+        action="store_true",
+        help="`metering: true` in the gateway's config (the observing ext_proc filter)",
+    )
     parser.add_argument(
         "--processor-command",
         help="run this instead of `python -m extproc serve` ({config} = the YAML path)",
@@ -139,9 +151,14 @@ def _progress(label: str, s: Sample) -> None:
     )
 
 
-def _upstream_open_streams(sse: Service) -> int:
+def _since(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    return after.get(name, 0) - before.get(name, 0)
+
+
+def _upstream_stats(sse: Service) -> dict[str, int]:
+    """``open_streams`` now and ``events`` sent so far, from the SSE upstream."""
     with urllib.request.urlopen(sse.url("/stats"), timeout=5) as reply:
-        value: int = json.loads(reply.read())["open_streams"]
+        value: dict[str, int] = json.loads(reply.read())
         return value
 
 
@@ -149,41 +166,53 @@ async def run_sse(
     topo: Topology, samples: int, streams: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """TTFB per path (the targets take turns), then ``streams`` streams held at once."""
-    ttfb_path = topology.SSE_PREFIX + "stream?events=3&pause_ms=5"
+    ttfb_path = topology.SSE_PREFIX + "v1/messages?events=3&pause_ms=5"
     paths = {
         report.TTFB_DIRECT: (topo.sse.port, {}),
         "bare Envoy": (topo.baseline.port, {}),
         report.TTFB_INJECTED: (topo.gateway.port, {}),
         "gateway, client credential": (topo.gateway.port, OAUTH),
     }
+    await asyncio.to_thread(settle, topo)  # no observing stream left from the load runs
     await sse_probe.ttfb(paths, ttfb_path, 3)  # warm-up
     ttfb = await sse_probe.ttfb(paths, ttfb_path, samples)
-    hold_path = topology.SSE_PREFIX + "stream?events=600&pause_ms=1000"
+    await asyncio.to_thread(settle, topo)  # nor from the samples
+    hold_path = topology.SSE_PREFIX + "v1/messages?events=600&pause_ms=1000"
     rss_before = procstat.usage(topo.processor.pid).rss_bytes / 2**20
-    started_before = topo.gateway.stats().get(EXTPROC_STREAMS, 0)
+    before = topo.gateway.stats()
 
     async def snapshot() -> dict[str, float]:
         seen: dict[str, list[float]] = {}
+        first = await asyncio.to_thread(_upstream_stats, topo.sse)
+        cpu = procstat.usage(topo.processor.pid).cpu_s, procstat.usage(topo.gateway.pid).cpu_s
         for _ in range(5):
             stats = await asyncio.to_thread(topo.gateway.stats)
-            upstream_open = await asyncio.to_thread(_upstream_open_streams, topo.sse)
+            upstream = await asyncio.to_thread(_upstream_stats, topo.sse)
             usage = procstat.usage(topo.processor.pid)
             envoy = procstat.usage(topo.gateway.pid)
             values = {
                 report.STREAMS_HELD: stats.get(EXTPROC_ACTIVE, 0),
+                report.DECISIONS_HELD: stats.get(EXTPROC_STREAMS, 0) - stats.get(EXTPROC_CLOSED, 0),
                 DOWNSTREAM_ACTIVE: stats.get("http.gateway.downstream_rq_active", 0),
-                UPSTREAM_OPEN: upstream_open,
+                UPSTREAM_OPEN: upstream["open_streams"],
                 report.STREAMS_RSS: usage.rss_bytes / 2**20,
                 "processor threads (streams held)": usage.threads,
                 "gateway Envoy RSS MB (streams held)": envoy.rss_bytes / 2**20,
-                "ext_proc streams started for them": stats.get(EXTPROC_STREAMS, 0) - started_before,
+                "ext_proc streams started for them": _since(before, stats, EXTPROC_STREAMS),
+                "metering streams started for them": _since(before, stats, METERING_STREAMS),
             }
             for key, value in values.items():
                 seen.setdefault(key, []).append(float(value))
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.6)
+        # CPU per event while the streams are held (1 event per stream per second).
+        events = max(upstream["events"] - first["events"], 1)
+        per_event = {
+            report.EVENT_PROCESSOR_US: (usage.cpu_s - cpu[0]) / events * 1e6,
+            report.EVENT_ENVOY_US: (envoy.cpu_s - cpu[1]) / events * 1e6,
+        }
         # Open counts: the lowest seen (all held throughout); costs: the highest seen.
         low = {UPSTREAM_OPEN, DOWNSTREAM_ACTIVE}
-        return {key: (min(v) if key in low else max(v)) for key, v in seen.items()}
+        return {key: (min(v) if key in low else max(v)) for key, v in seen.items()} | per_event
 
     held = await sse_probe.hold_streams(topo.gateway.port, hold_path, streams, snapshot)
     return ttfb, {
@@ -219,6 +248,7 @@ def _meta(args: argparse.Namespace, envoy: str, wrk: str) -> dict[str, object]:
         "streams": args.streams,
         "workers": args.workers,
         "server": args.server or "(config default)",
+        "metering": args.metering,
         "processor": args.processor_command or "python -m extproc serve CONFIG",
     }
 
@@ -264,11 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with topology.Stack(folder) as stack:
         meta = _meta(args, stack.envoy, wrk)
-        topo = topology.start(stack, args.workers, args.processor_command, args.server)
+        topo = topology.start(
+            stack, args.workers, args.processor_command, args.server, args.metering
+        )
         print(f"processes up (logs in {folder}); measuring…", file=sys.stderr, flush=True)
         result = Report(
             meta,
-            run_load(topo, wrk, scenarios, runs=args.runs, duration=args.duration, folder=folder),
+            run_load(
+                topo,
+                wrk,
+                scenarios,
+                runs=args.runs,
+                duration=args.duration,
+                folder=folder,
+            ),
         )
         if not args.no_sse:
             result.ttfb, result.streams = asyncio.run(run_sse(topo, args.sse_samples, args.streams))

@@ -1,25 +1,45 @@
-"""SSE through the gateway: time to first byte, and many long streams held open at once.
+"""SSE through the gateway: time to first byte, per-event lag, and many streams held open.
 
 The client is raw asyncio over HTTP/1.1, so the times are the network path's
 and not an HTTP library's. Each sample opens its own connection first and
-starts the clock when the request is written.
+starts the clock when the request is written. Each event from the benchmark's
+upstream carries the ``time.monotonic()`` it was written at; an event's lag is
+when the client read it minus that (both on the machine's one monotonic clock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 _HOST = "127.0.0.1"
+_SENT = re.compile(rb'"t":([0-9.]+)\}')  # the upstream's write time, ending an event's data
 
 
 @dataclass(frozen=True)
 class Timing:
     first_byte_ms: float  # response headers arrive
     first_event_ms: float  # the first event's bytes arrive
+    event_lag_ms: tuple[float, ...]  # per event: client read time minus upstream write time
+
+
+class _Lags:
+    """Collects the lag of every event found in the bytes read so far."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lags: list[float] = []
+        self._searched = 0
+
+    def read(self, chunk: bytes, now: float) -> None:
+        self.received += chunk
+        for found in _SENT.finditer(self.received, self._searched):
+            self.lags.append((now - float(found[1])) * 1000)
+            self._searched = found.end()
 
 
 def _request(path: str, headers: dict[str, str], close: bool) -> bytes:
@@ -54,10 +74,12 @@ async def time_one(port: int, path: str, headers: dict[str, str]) -> Timing:
     try:
         started = time.perf_counter()
         writer.write(_request(path, headers, close=True))
-        first_byte, first_event, _ = await _read_first_event(reader, started)
-        while await reader.read(65536):
-            pass  # the rest of the stream, so the next sample starts clean
-        return Timing(first_byte * 1000, first_event * 1000)
+        first_byte, first_event, received = await _read_first_event(reader, started)
+        lags = _Lags()
+        lags.read(received, time.monotonic())
+        while chunk := await reader.read(65536):  # to the end: the next sample starts clean
+            lags.read(chunk, time.monotonic())
+        return Timing(first_byte * 1000, first_event * 1000, tuple(lags.lags))
     finally:
         writer.close()
 
@@ -65,7 +87,10 @@ async def time_one(port: int, path: str, headers: dict[str, str]) -> Timing:
 async def ttfb(
     targets: dict[str, tuple[int, dict[str, str]]], path: str, samples: int
 ) -> dict[str, dict[str, float]]:
-    """Median times per target; the targets take turns so drift hits all alike."""
+    """Median times per target; the targets take turns so drift hits all alike.
+
+    ``event_lag_ms`` is the median over every event of every sample.
+    """
     timings: dict[str, list[Timing]] = {name: [] for name in targets}
     for _ in range(samples):
         for name, (port, headers) in targets.items():
@@ -74,6 +99,7 @@ async def ttfb(
         name: {
             "first_byte_ms": statistics.median(t.first_byte_ms for t in found),
             "first_event_ms": statistics.median(t.first_event_ms for t in found),
+            "event_lag_ms": statistics.median(lag for t in found for lag in t.event_lag_ms),
         }
         for name, found in timings.items()
     }

@@ -2,8 +2,14 @@
 
 ``GET /anything?events=N&pause_ms=M`` answers ``200 text/event-stream`` right
 away and then sends N events, each after a pause of M ms, like an LLM
-streaming tokens. ``GET /stats`` tells how many streams are open now, so the
-benchmark can prove its 1,000 streams really reached the upstream.
+streaming tokens. The events are shaped like Anthropic's Messages stream
+(``message_start`` with usage, text deltas, ``message_delta`` with the output
+tokens), so a metering gateway parses what it would parse in production, and
+each carries ``"t"``: ``time.monotonic()`` when it was written (one clock for
+every process on the machine), so a client can tell how late each arrives.
+``GET /stats`` tells how many streams are open now (so the benchmark can
+prove its 1,000 streams really reached the upstream) and how many events
+were sent in all.
 
 Run: ``python bench/sse_upstream.py --port PORT`` (HTTP/1.1, keep-alive, chunked).
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from urllib.parse import parse_qs, urlsplit
 
 _HEADERS = (
@@ -25,6 +32,7 @@ class Upstream:
     def __init__(self) -> None:
         self.open_streams = 0
         self.served = 0
+        self.events = 0  # sent, all streams
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -47,7 +55,8 @@ class Upstream:
             writer.close()
 
     async def _stats(self, writer: asyncio.StreamWriter) -> None:
-        body = json.dumps({"open_streams": self.open_streams, "served": self.served}).encode()
+        counts = {"open_streams": self.open_streams, "served": self.served, "events": self.events}
+        body = json.dumps(counts).encode()
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
@@ -61,14 +70,34 @@ class Upstream:
             await writer.drain()
             for number in range(events):
                 await asyncio.sleep(pause)
-                event = b'event: message\ndata: {"n": %d}\n\n' % number
+                event = _event(number, events)
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
                 await writer.drain()
+                self.events += 1
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             self.served += 1
         finally:
             self.open_streams -= 1
+
+
+_START = (
+    '{"type":"message_start","message":{"model":"claude-bench-1",'
+    '"usage":{"input_tokens":12,"output_tokens":1}},'
+)
+_DELTA = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"word "},'
+_END = '{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":%d},'
+
+
+def _event(number: int, events: int) -> bytes:
+    """Event ``number`` of ``events``: start, text deltas, and the final usage."""
+    if number == 0:
+        name, data = "message_start", _START
+    elif number == events - 1:
+        name, data = "message_delta", _END % events
+    else:
+        name, data = "content_block_delta", _DELTA
+    return f'event: {name}\ndata: {data}"t":{time.monotonic()!r}}}\n\n'.encode()
 
 
 async def serve(port: int) -> None:

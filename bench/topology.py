@@ -11,6 +11,7 @@ and is shown only when something fails to start.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import socket
@@ -37,6 +38,18 @@ _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnecti
 _ROUTER = "envoy.extensions.filters.http.router.v3.Router"
 _THRESHOLDS = {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
 _START_DEADLINE_S = 30.0
+MESSAGE_BODY = json.dumps(
+    {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-bench-1",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 12, "output_tokens": 1},
+    },
+    separators=(",", ":"),
+)
 
 
 def free_port() -> int:
@@ -93,10 +106,17 @@ def _cluster(name: str, port: int) -> dict[str, Any]:
 
 
 def upstream_bootstrap(port: int, admin: int) -> dict[str, Any]:
-    """An Envoy that answers every request itself: a 200 with a small JSON body."""
+    """An Envoy that answers every request itself: a 200 with a short Messages response.
+
+    The body is shaped like Anthropic's (``usage`` included), so a metering
+    gateway parses what it would parse in production.
+    """
     route = {
         "match": {"prefix": "/"},
-        "direct_response": {"status": 200, "body": {"inline_string": '{"ok":true}'}},
+        "direct_response": {"status": 200, "body": {"inline_string": MESSAGE_BODY}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}}
+        ],
     }
     return {
         "admin": {"address": _address(admin)},
@@ -134,13 +154,15 @@ def gateway_config(
     server: str | None = None,
     keys_file: Path | None = None,
     routes: int = 2,
+    metering: bool = False,
 ) -> dict[str, Any]:
     """The ops YAML for the gateway: two credential routes, one per upstream.
 
     ``server`` (the config's ``extproc.server``) is written only when given, so the
     benchmark also runs against versions that do not know the key. ``keys_file``
     turns on gateway keys for every route; ``routes`` above 2 adds routes
-    ``/r0002/`` … to the API upstream, all with the same credential.
+    ``/r0002/`` … to the API upstream, all with the same credential; ``metering``
+    adds ``metering: true`` (Envoy's second, observing ext_proc filter).
     """
     extproc_block: dict[str, Any] = {"address": LOOPBACK, "port": extproc, "workers": workers}
     if server is not None:
@@ -160,6 +182,8 @@ def gateway_config(
     }
     if keys_file is not None:
         config["access"] = {"keys_file": str(keys_file)}
+    if metering:
+        config["metering"] = True
     config["routes"] = [
         {"name": "anthropic", "prefix": API_PREFIX, "upstream": api, "credential": credential},
         {"name": "sse", "prefix": SSE_PREFIX, "upstream": events, "credential": credential},
@@ -382,6 +406,7 @@ def start_gateway(
     keys_file: Path | None = None,
     routes: int = 2,
     xds: bool = False,
+    metering: bool = False,
 ) -> Gateway:
     """Processor, then Envoy with the rendered bootstrap (``xds``: dynamic resources).
 
@@ -402,6 +427,7 @@ def start_gateway(
         server=server,
         keys_file=keys_file,
         routes=routes,
+        metering=metering,
     )
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
     xds_dir = stack.folder / f"{prefix}xds" if xds else None
@@ -415,11 +441,20 @@ def start_gateway(
 
 
 def start(
-    stack: Stack, workers: int, processor_command: str | None, server: str | None = None
+    stack: Stack,
+    workers: int,
+    processor_command: str | None,
+    server: str | None = None,
+    metering: bool = False,
 ) -> Topology:
     """Upstreams first, then the baseline, then processor → gateway Envoy."""
     upstreams = start_upstreams(stack)
     gateway = start_gateway(
-        stack, upstreams, workers=workers, processor_command=processor_command, server=server
+        stack,
+        upstreams,
+        workers=workers,
+        processor_command=processor_command,
+        server=server,
+        metering=metering,
     )
     return gateway.topology(upstreams)
