@@ -7,6 +7,7 @@ from extproc.render import tls
 from extproc.render.common import (
     EXTPROC_CLUSTER,
     HTTP_OPTIONS,
+    METERING_CLUSTER,
     Json,
     cluster_name,
     is_ip,
@@ -49,7 +50,7 @@ def route_cluster(route: Route, config: GatewayConfig) -> Json:
     return cluster
 
 
-def extproc_cluster(config: GatewayConfig) -> Json:
+def extproc_cluster(config: GatewayConfig, name: str = EXTPROC_CLUSTER) -> Json:
     """The processor speaks gRPC, so HTTP/2 must be configured explicitly."""
     settings = config.extproc
     if settings.socket is not None:
@@ -59,10 +60,10 @@ def extproc_cluster(config: GatewayConfig) -> Json:
         address = socket_address(settings.address, settings.port)
         kind = "STATIC" if is_ip(settings.address) else "LOGICAL_DNS"
     return {
-        "name": EXTPROC_CLUSTER,
+        "name": name,
         "type": kind,
         "connect_timeout": "1s",
-        "load_assignment": _endpoint(EXTPROC_CLUSTER, address),
+        "load_assignment": _endpoint(name, address),
         "circuit_breakers": {"thresholds": [_THRESHOLDS]},
         "typed_extension_protocol_options": {
             HTTP_OPTIONS: typed(HTTP_OPTIONS, explicit_http_config={"http2_protocol_options": {}})
@@ -72,6 +73,7 @@ def extproc_cluster(config: GatewayConfig) -> Json:
 
 def clusters(config: GatewayConfig) -> list[Json]:
     out = [route_cluster(route, config) for route in config.routes]
-    if any(route.credential for route in config.routes):
-        out.append(extproc_cluster(config))
+    out.append(extproc_cluster(config))  # any route may have a gateway key to check
+    if config.metering:
+        out.append(extproc_cluster(config, METERING_CLUSTER))
     return out

@@ -17,6 +17,7 @@ from extproc.config.model import (
 from extproc.render.common import (
     EXTPROC_CLUSTER,
     EXTPROC_FILTER,
+    METERING_CLUSTER,
     METERING_FILTER,
     Json,
     seconds,
@@ -100,8 +101,11 @@ def metering_filter(config: GatewayConfig) -> Json:
     """
     filter_config = typed(
         _EXT_PROC + "ExternalProcessor",
-        grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+        grpc_service={"envoy_grpc": {"cluster_name": METERING_CLUSTER}},
         observability_mode=True,
+        # The processor ends the call once it has seen the response's end; this only bounds
+        # a stream whose end never comes (Envoy's default keeps it 5 s).
+        deferred_close_timeout="1s",
         failure_mode_allow=True,
         processing_mode={
             "request_header_mode": "SEND",

@@ -42,11 +42,12 @@ class Services:
 class ProcessCall:
     """Decides on request headers, or follows an observed response until the call ends."""
 
-    __slots__ = ("_meter", "_services")
+    __slots__ = ("_meter", "_services", "finished")
 
     def __init__(self, services: Services) -> None:
         self._services = services
         self._meter: MeterStream | None = None
+        self.finished = False  # an observed response has ended: end the call now
 
     def handle(self, request: ext_proc.ProcessingRequest) -> Answer | None:
         """The answer to send, or None for an observed message (nothing is sent back)."""
@@ -55,6 +56,7 @@ class ProcessCall:
             if self._meter is None:
                 self._meter = MeterStream(services.metrics, services.limiter)
             self._meter.on_message(services.source.policy, request)
+            self.finished = _last(request)
             return None
         start = time.perf_counter()
         answer = process(services.source.policy, request, services.limiter)
@@ -65,3 +67,11 @@ class ProcessCall:
     def end(self) -> None:
         if self._meter is not None:
             self._meter.end()
+
+
+def _last(request: ext_proc.ProcessingRequest) -> bool:
+    """The last message Envoy sends about a response (trailers are never asked for)."""
+    phase = request.WhichOneof("request")
+    if phase == "response_body":
+        return bool(request.response_body.end_of_stream)
+    return phase == "response_headers" and bool(request.response_headers.end_of_stream)

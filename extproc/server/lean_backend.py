@@ -67,8 +67,8 @@ def process_opener(services: Services) -> Opener:
             except Exception:  # a bug must fail this call only, not every call on the connection
                 log.exception("processing failed")
                 return None, INTERNAL, "internal error"
-            if answer is None:  # observed: Envoy waits for nothing
-                return None, None, ""
+            if answer is None:  # observed: Envoy waits for nothing; end once the response did
+                return None, (0 if call.finished else None), ""
             return answer.payload, (0 if answer.final else None), ""
 
         return on_message, call.end

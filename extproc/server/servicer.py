@@ -32,7 +32,9 @@ class ExternalProcessor:
                     answer = call.handle(request)
                 except MalformedRequest as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                if answer is None:  # observed: Envoy waits for nothing
+                if answer is None:  # observed: Envoy waits for nothing; end once the response did
+                    if call.finished:
+                        return
                     continue
                 yield answer.payload
                 if answer.final:

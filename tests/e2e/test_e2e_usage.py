@@ -160,6 +160,27 @@ def test_usage_is_counted_by_client_by_who_paid_and_by_model(metered: Metered) -
     )
 
 
+def observing_streams_open(gateway: Gateway) -> int:
+    url = f"http://127.0.0.1:{gateway.admin_port}/stats?filter=extproc_metering.upstream_rq_active$"
+    with httpx.Client(timeout=5) as client:
+        text = client.get(url).text
+    return int(text.split(":")[1]) if ":" in text else -1
+
+
+def test_the_processor_ends_each_observing_stream_with_its_response(metered: Metered) -> None:
+    """Envoy would hold it 5 s (deferred close): every held stream is a slot of the observing
+    cluster and a late report. The processor ends the call at the response's end."""
+    for _ in range(5):
+        streamed = metered.post(
+            "/anthropic/v1/messages", {**MESSAGE, "stream": True}, **{"x-api-key": ALICE}
+        )
+        assert "message_stop" in streamed.text
+    poll(
+        lambda: observing_streams_open(metered.gateway), lambda n: n == 0, "observing streams", 0.9
+    )
+    assert metric_sum(metered.page(), "gateway_usage_requests_total") == 5  # reported already
+
+
 def test_openai_usage_from_json_and_from_the_final_stream_chunk(metered: Metered) -> None:
     bearer = {"authorization": f"Bearer {ALICE}"}
     assert metered.post("/openai/chat/completions", CHAT, **bearer).status_code == 200
