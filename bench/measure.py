@@ -19,15 +19,19 @@ from topology import Service, Topology
 
 API_PATH = topology.API_PREFIX + "v1/messages"
 EXTPROC_STREAMS = "http.gateway.ext_proc.streams_started"
-EXTPROC_CLOSED = "http.gateway.ext_proc.streams_closed"
-EXTPROC_ACTIVE = "cluster.extproc.upstream_rq_active"  # gRPC streams open, both filters'
-METERING_STREAMS = "http.gateway.ext_proc.metering.streams_started"
-# An observing stream Envoy could not open or keep (failure_mode_allow: the request went on
-# unmetered), e.g. over the extproc cluster's circuit-breaker limits.
-METERING_LOST = (
-    "http.gateway.ext_proc.metering.failure_mode_allowed",
-    "http.gateway.ext_proc.metering.streams_failed",
-)
+# The decision filter's streams go to the "extproc" cluster, the observing (metering)
+# filter's to "extproc_metering" (same processor, its own circuit breaker): open streams,
+# streams opened, and streams refused by a cluster's circuit breaker.
+EXTPROC_ACTIVE = "cluster.extproc.upstream_rq_active"
+METERING_ACTIVE = "cluster.extproc_metering.upstream_rq_active"
+METERING_STREAMS = "cluster.extproc_metering.upstream_rq_total"
+OVERFLOW = ("upstream_rq_pending_overflow", "upstream_rq_active_overflow")
+EXTPROC_OVERFLOW = tuple(f"cluster.extproc.{name}" for name in OVERFLOW)
+METERING_OVERFLOW = tuple(f"cluster.extproc_metering.{name}" for name in OVERFLOW)
+# An observing stream Envoy could not open or keep, let through (failure_mode_allow: the
+# request went on unmetered), e.g. over the metering cluster's circuit breaker. Envoy counts
+# each such failure in ``streams_failed`` too, so that one is not added.
+METERING_LOST = "http.gateway.ext_proc.metering.failure_mode_allowed"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class _Snapshot:
     extproc_calls: int  # streams the gateway opened to the processor so far
     metering_calls: int  # of those, the observing filter's (metering: true)
     metering_lost: int  # observing streams that failed (requests went on unmetered)
+    metering_overflow: int  # observing streams refused by their cluster's circuit breaker
+    extproc_overflow: int  # decision streams refused by theirs
     busy_s: float  # the whole machine's busy CPU
     ours_s: float  # our services' CPU plus finished wrk runs'
 
@@ -53,21 +59,27 @@ def _snapshot(topo: Topology, target: Service) -> _Snapshot:
         rss_bytes=usage["processor"].rss_bytes,
         extproc_calls=stats.get(EXTPROC_STREAMS, 0),
         metering_calls=stats.get(METERING_STREAMS, 0),
-        metering_lost=sum(stats.get(name, 0) for name in METERING_LOST),
+        metering_lost=stats.get(METERING_LOST, 0),
+        metering_overflow=sum(stats.get(name, 0) for name in METERING_OVERFLOW),
+        extproc_overflow=sum(stats.get(name, 0) for name in EXTPROC_OVERFLOW),
         busy_s=procstat.machine_busy_s(),
         ours_s=ours,
     )
 
 
 def settle(topo: Topology, deadline_s: float = 15.0) -> None:
-    """Wait until the gateway has no gRPC stream open to the processor.
+    """Wait until the gateway has no gRPC stream open to the processor (either cluster).
 
-    Envoy keeps an observing (metering) stream open up to its ``deferred_close_timeout``
-    (5 s) after the response, and the processor reports the usage when it closes;
-    waiting for that before each snapshot puts all of a run's work in its own window.
+    Envoy keeps an observing (metering) stream open until the processor ends it (at the
+    response's end) or for its ``deferred_close_timeout`` after the response, and the
+    processor reports the usage when it closes; waiting for that before each snapshot puts
+    all of a run's work in its own window.
     """
     end = time.monotonic() + deadline_s
-    while topo.gateway.stats().get(EXTPROC_ACTIVE, 0) and time.monotonic() < end:
+    while time.monotonic() < end:
+        stats = topo.gateway.stats()
+        if not stats.get(EXTPROC_ACTIVE, 0) and not stats.get(METERING_ACTIVE, 0):
+            return
         time.sleep(0.1)
 
 
@@ -101,4 +113,6 @@ def measure(topo: Topology, wrk: str, target: Service, script: Path, duration: f
         other_cpu_pct=max(0.0, others) / window * 100,
         metering_calls=(after.metering_calls - before.metering_calls) / count,
         metering_lost=after.metering_lost - before.metering_lost,
+        metering_overflow=after.metering_overflow - before.metering_overflow,
+        extproc_overflow=after.extproc_overflow - before.extproc_overflow,
     )

@@ -42,8 +42,10 @@ class Sample:
     extproc_calls: float  # ext_proc streams Envoy opened, per request
     errors: int
     other_cpu_pct: float  # CPU used by other processes on the machine meanwhile (noise)
-    metering_calls: float = 0.0  # of the ext_proc streams, the observing filter's, per request
+    metering_calls: float = 0.0  # observing streams opened (extproc_metering cluster), per request
     metering_lost: int = 0  # observing streams that failed (the requests went on unmetered)
+    metering_overflow: int = 0  # observing streams refused by the extproc_metering circuit breaker
+    extproc_overflow: int = 0  # decision streams refused by the extproc circuit breaker
 
 
 @dataclass
@@ -129,7 +131,7 @@ def load_table(report: Report) -> list[str]:
         "ext_proc calls/req", "errors", "other CPU %",
     )  # fmt: skip
     if metering:
-        header += ("metering streams/req", "metering lost")
+        header += ("metering streams/req", "metering lost", "ext_proc overflow (decision/metering)")
     lines = []
     for scenario in dict.fromkeys(r.scenario for r in report.rows):
         base, gateway = report.pair(scenario)
@@ -154,7 +156,11 @@ def load_table(report: Report) -> list[str]:
             if metering:
                 lost = sum(s.metering_lost for s in row.samples)
                 calls = f"{row.median('metering_calls'):.2f}"
-                line += (calls, str(lost)) if is_gateway else ("—", "—")
+                overflow = (
+                    f"{sum(s.extproc_overflow for s in row.samples)}"
+                    f"/{sum(s.metering_overflow for s in row.samples)}"
+                )
+                line += (calls, str(lost), overflow) if is_gateway else ("—", "—", "—")
             lines.append(line)
     return _table(header, lines)
 

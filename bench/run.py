@@ -43,8 +43,8 @@ import wrkload  # noqa: E402
 from measure import (  # noqa: E402
     API_PATH,
     EXTPROC_ACTIVE,
-    EXTPROC_CLOSED,
     EXTPROC_STREAMS,
+    METERING_ACTIVE,
     METERING_STREAMS,
     measure,
     settle,
@@ -191,8 +191,8 @@ async def run_sse(
             usage = procstat.usage(topo.processor.pid)
             envoy = procstat.usage(topo.gateway.pid)
             values = {
-                report.STREAMS_HELD: stats.get(EXTPROC_ACTIVE, 0),
-                report.DECISIONS_HELD: stats.get(EXTPROC_STREAMS, 0) - stats.get(EXTPROC_CLOSED, 0),
+                report.STREAMS_HELD: stats.get(EXTPROC_ACTIVE, 0) + stats.get(METERING_ACTIVE, 0),
+                report.DECISIONS_HELD: stats.get(EXTPROC_ACTIVE, 0),
                 DOWNSTREAM_ACTIVE: stats.get("http.gateway.downstream_rq_active", 0),
                 UPSTREAM_OPEN: upstream["open_streams"],
                 report.STREAMS_RSS: usage.rss_bytes / 2**20,
