@@ -194,6 +194,122 @@ CASES = [
      METERED + "limits:\n  clients:\n    'b c': {}\n    alice: {concurrent: x}\n",
      ["gateway.yaml:11 limits.clients: 'b c' is not a client name as in the keys file",
       "gateway.yaml:13 limits.clients.alice.concurrent: expected an integer, got a string"]),
+    # bounds: one past each end is refused (tests/unit/test_config_strength.py accepts each end)
+    ("max_connections below 4", GOOD + "extproc: {max_connections: 3}\n",
+     ["gateway.yaml:9 extproc.max_connections: must be between 4 and 100000, got 3"]),
+    ("max_connections above 100000", GOOD + "extproc: {max_connections: 100001}\n",
+     ["gateway.yaml:9 extproc.max_connections: must be between 4 and 100000, got 100001"]),
+    ("idle_timeout_s below 10", GOOD + "extproc: {idle_timeout_s: 9}\n",
+     ["gateway.yaml:9 extproc.idle_timeout_s: must be between 10 and 86400, got 9"]),
+    ("idle_timeout_s above a day", GOOD + "extproc: {idle_timeout_s: 86401}\n",
+     ["gateway.yaml:9 extproc.idle_timeout_s: must be between 10 and 86400, got 86401"]),
+    ("memory_budget_mb below 4", GOOD + "extproc: {memory_budget_mb: 3}\n",
+     ["gateway.yaml:9 extproc.memory_budget_mb: must be between 4 and 16384, got 3"]),
+    ("memory_budget_mb above 16384", GOOD + "extproc: {memory_budget_mb: 16385}\n",
+     ["gateway.yaml:9 extproc.memory_budget_mb: must be between 4 and 16384, got 16385"]),
+    ("timeout_ms of zero", GOOD + "extproc: {timeout_ms: 0}\n",
+     ["gateway.yaml:9 extproc.timeout_ms: must be between 1 and 60000, got 0"]),
+    ("timeout_ms above a minute", GOOD + "extproc: {timeout_ms: 60001}\n",
+     ["gateway.yaml:9 extproc.timeout_ms: must be between 1 and 60000, got 60001"]),
+    ("no workers", GOOD + "extproc: {workers: 0}\n",
+     ["gateway.yaml:9 extproc.workers: must be between 1 and 64, got 0"]),
+    ("65 workers", GOOD + "extproc: {workers: 65}\n",
+     ["gateway.yaml:9 extproc.workers: must be between 1 and 64, got 65"]),
+    ("stream_idle_timeout_s of zero", GOOD.replace("port: 4000", "port: 4000, stream_idle_timeout_s: 0"),
+     ["gateway.yaml:1 listener.stream_idle_timeout_s: must be between 1 and 86400, got 0"]),
+    ("stream_idle_timeout_s above a day", GOOD.replace("port: 4000", "port: 4000, stream_idle_timeout_s: 86401"),
+     ["gateway.yaml:1 listener.stream_idle_timeout_s: must be between 1 and 86400, got 86401"]),
+    ("max_request_headers_kb of zero", GOOD.replace("port: 4000", "port: 4000, max_request_headers_kb: 0"),
+     ["gateway.yaml:1 listener.max_request_headers_kb: must be between 1 and 8192, got 0"]),
+    ("max_request_headers_kb above 8192", GOOD.replace("port: 4000", "port: 4000, max_request_headers_kb: 8193"),
+     ["gateway.yaml:1 listener.max_request_headers_kb: must be between 1 and 8192, got 8193"]),
+    ("a negative route timeout", GOOD.replace("    credential:", "    timeout_s: -1\n    credential:"),
+     ["gateway.yaml:6 routes[0].timeout_s: must be between 0 and 86400, got -1"]),
+    ("a route timeout above a day", GOOD.replace("    credential:", "    timeout_s: 86401\n    credential:"),
+     ["gateway.yaml:6 routes[0].timeout_s: must be between 0 and 86400, got 86401"]),
+    ("a connect timeout of zero", GOOD.replace("    credential:", "    connect_timeout_s: 0\n    credential:"),
+     ["gateway.yaml:6 routes[0].connect_timeout_s: must be between 1 and 300, got 0"]),
+    ("a connect timeout above 300", GOOD.replace("    credential:", "    connect_timeout_s: 301\n    credential:"),
+     ["gateway.yaml:6 routes[0].connect_timeout_s: must be between 1 and 300, got 301"]),
+    ("negative retries", GOOD.replace("    credential:", "    retries: -1\n    credential:"),
+     ["gateway.yaml:6 routes[0].retries: must be between 0 and 10, got -1"]),
+    ("eleven retries", GOOD.replace("    credential:", "    retries: 11\n    credential:"),
+     ["gateway.yaml:6 routes[0].retries: must be between 0 and 10, got 11"]),
+    # the structure around the routes
+    ("no listener", GOOD.replace("listener: {address: 127.0.0.1, port: 4000}\n", ""),
+     ["gateway.yaml:1 missing required field 'listener'"]),
+    ("an empty route list", "listener: {address: 127.0.0.1, port: 4000}\nroutes: []\n",
+     ["gateway.yaml:2 routes: give at least one route"]),
+    ("a TLS certificate that is a number", GOOD.replace("port: 4000", "port: 4000, tls: {cert_file: 5, key_file: k.pem}"),
+     ["gateway.yaml:1 listener.tls.cert_file: expected a non-empty string, got int"]),
+    ("a TLS key that is empty", GOOD.replace("port: 4000", "port: 4000, tls: {cert_file: c.pem, key_file: ''}"),
+     ["gateway.yaml:1 listener.tls.key_file: expected a non-empty string, got a string"]),
+    ("the processor on the listener's port", GOOD + "extproc: {port: 4000}\n",
+     ["gateway.yaml:9 extproc.port: port 4000 is already used by listener"]),
+    ("metrics on the listener's port", GOOD + "metrics: {port: 4000}\n",
+     ["gateway.yaml:9 metrics.port: port 4000 is already used by listener"]),
+    ("metrics on the listener's port with the processor on a socket",
+     GOOD + "extproc: {socket: x.sock}\nmetrics: {port: 4000}\n",
+     ["gateway.yaml:10 metrics.port: port 4000 is already used by listener"]),
+    ("a socket and an address", GOOD + "extproc: {socket: x.sock, address: 127.0.0.1}\n",
+     ["gateway.yaml:9 extproc.socket: give either socket or address/port, not both"]),
+    ("a duplicate after a broken route is still found",
+     "listener: {address: 127.0.0.1, port: 4000}\nroutes:\n  - name: a b\n    prefix: /x\n    upstream: http://h\n"
+     "  - {name: a, prefix: /a, upstream: 'http://h'}\n  - {name: a, prefix: /b, upstream: 'http://h'}\n",
+     ["gateway.yaml:3 routes[0].name: use letters, digits, '.', '_' and '-' (at most 63)",
+      "gateway.yaml:7 routes[2].name: 'a' is already used by routes[1]"]),
+    # a part with problems is not checked further: one mistake, one message
+    ("a route with broken placeholders is not also a duplicate",
+     GOOD + "  - name: anthropic\n    prefix: /other\n    upstream: https://x\n    credential: {header: x-api-key, secret: {env: K}, placeholders: [gk-x]}\n",
+     ["gateway.yaml:12 routes[1].credential.placeholders[0]: values starting with 'gk-' are gateway keys"]),
+    ("a route whose access header is a credential slot is not also a duplicate",
+     GOOD + "  - name: anthropic\n    prefix: /other\n    upstream: https://x\n    access: {keys_file: k, header: authorization}\n",
+     ["gateway.yaml:12 routes[1].access: header 'authorization' is also a client credential header"]),
+    ("an admin address that is not text is not also a port clash", GOOD + "admin: {address: 5, port: 4000}\n",
+     ["gateway.yaml:9 admin.address: expected a non-empty string, got int"]),
+    ("a listener with a bad setting is not also a port clash",
+     GOOD.replace("port: 4000", "port: 4000, max_request_headers_kb: 0") + "admin: {port: 4000}\n",
+     ["gateway.yaml:1 listener.max_request_headers_kb: must be between 1 and 8192, got 0"]),
+    ("a listener with bad TLS files is not also a port clash",
+     GOOD.replace("port: 4000", "port: 4000, tls: {cert_file: 5, key_file: k.pem}") + "admin: {port: 4000}\n",
+     ["gateway.yaml:1 listener.tls.cert_file: expected a non-empty string, got int"]),
+    ("a processor on a public address is not also a port clash", GOOD + "extproc: {address: 0.0.0.0, port: 4000}\n",
+     ["gateway.yaml:9 extproc.address: must be a loopback address: the processor's answers carry the secret"]),
+    ("a route with a broken credential is not also a duplicate",
+     GOOD + "  - name: anthropic\n    prefix: /other\n    upstream: https://x\n    credential: {header: x-api-key, format: Bearer, secret: {env: K}}\n",
+     ["gateway.yaml:12 routes[1].credential.format: must contain {secret} exactly once and no other braces"]),
+    ("a route with a broken access block is not also an open relay",
+     GOOD.replace("127.0.0.1, port: 4000", "0.0.0.0, port: 4000, require_access: true").replace(
+         "    credential:", "    access: {header: x-gk}\n    credential:"),
+     ["gateway.yaml:6 routes[0].access: missing required field 'keys_file'"]),
+    # access, upstream and credential details
+    ("access without a keys file", GOOD + "access: {header: x-gk}\n",
+     ["gateway.yaml:9 access: missing required field 'keys_file'"]),
+    ("an access header with an underscore", GOOD + "access: {keys_file: k, header: x_gk}\n",
+     ["gateway.yaml:9 access.header: expected a lower-case header name, no '_', not one Envoy manages (e.g. x-gateway-key)"]),
+    ("an access header that is one of the route's client credential headers",
+     GOOD.replace("secret: {env: K}", "secret: {env: K}\n      client_credentials: [x-api-key, x-custom]")
+     + "access: {keys_file: k, header: x-custom}\n",
+     ["gateway.yaml:3 routes[0].access: header 'x-custom' is also a client credential header"]),
+    ("an upstream port out of range", GOOD.replace("api.anthropic.com", "api.anthropic.com:99999"),
+     ["gateway.yaml:5 routes[0].upstream: expected an http:// or https:// URL with a host"]),
+    ("an upstream with a query", GOOD.replace("api.anthropic.com", "api.anthropic.com/?a=1"),
+     ["gateway.yaml:5 routes[0].upstream: give scheme, host, optional port and path only"]),
+    ("an upstream with a user", GOOD.replace("api.anthropic.com", "me@api.anthropic.com"),
+     ["gateway.yaml:5 routes[0].upstream: give scheme, host, optional port and path only"]),
+    ("an upstream with a fragment", GOOD.replace("api.anthropic.com", "api.anthropic.com/#top"),
+     ["gateway.yaml:5 routes[0].upstream: give scheme, host, optional port and path only"]),
+    ("a format with a stray opening brace", GOOD.replace("header: x-api-key", "header: x-api-key\n      format: '{secret}{'"),
+     ["gateway.yaml:8 routes[0].credential.format: must contain {secret} exactly once and no other braces"]),
+    ("a client credential header with an underscore",
+     GOOD.replace("secret: {env: K}", "secret: {env: K}\n      client_credentials: [x-api-key, x_key]"),
+     ["gateway.yaml:9 routes[0].credential.client_credentials[1]: expected a header name"]),
+    ("a client credential header that is not text",
+     GOOD.replace("secret: {env: K}", "secret: {env: K}\n      client_credentials: [5]"),
+     ["gateway.yaml:9 routes[0].credential.client_credentials[0]: expected a header name"]),
+    ("no client credential headers",
+     GOOD.replace("secret: {env: K}", "secret: {env: K}\n      client_credentials: []"),
+     ["gateway.yaml:9 routes[0].credential.client_credentials: give at least one header name"]),
 ]  # fmt: skip
 
 
@@ -290,3 +406,77 @@ def test_a_password_in_the_store_url_is_refused(url: str, tmp_path: Path) -> Non
     assert found == [
         "gateway.yaml:10 limits.store: expected memory or redis://host[:port][/db] (rediss:// for TLS)"
     ]
+
+
+def test_an_unreadable_config_names_the_file_and_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == (f"{path}: cannot read config: No such file or directory",)
+
+
+# A required field left out of a nested mapping crashes the load (TypeError/AttributeError)
+# instead of being reported: ``Section.text(key)`` records "missing required field" but
+# returns its ``_MISSING`` sentinel, a truthy object that load.py then uses as a string.
+MISSING_REQUIRED = [
+    ("a route without a name", "  - {prefix: /a, upstream: 'http://h'}\n",
+     "gateway.yaml:3 routes[0]: missing required field 'name'"),
+    ("a route without a prefix", "  - {name: a, upstream: 'http://h'}\n",
+     "gateway.yaml:3 routes[0]: missing required field 'prefix'"),
+    ("a route without an upstream", "  - {name: a, prefix: /a}\n",
+     "gateway.yaml:3 routes[0]: missing required field 'upstream'"),
+    ("a credential without a header", "  - {name: a, prefix: /a, upstream: 'http://h', credential: {secret: {env: K}}}\n",
+     "gateway.yaml:3 routes[0].credential: missing required field 'header'"),
+]  # fmt: skip
+_SENTINEL = "Section.text returns the truthy _MISSING sentinel for a missing required field"
+
+
+@pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError), reason=_SENTINEL)
+@pytest.mark.parametrize(
+    ("route", "expected"), [m[1:] for m in MISSING_REQUIRED], ids=[m[0] for m in MISSING_REQUIRED]
+)
+def test_a_missing_required_field_of_a_route_is_reported(
+    route: str, expected: str, tmp_path: Path
+) -> None:
+    text = "listener: {address: 127.0.0.1, port: 4000}\nroutes:\n" + route
+    assert problems(text, tmp_path) == [expected]
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=_SENTINEL)
+@pytest.mark.parametrize("given", ["cert_file: c.pem", "key_file: k.pem"])
+def test_a_tls_listener_missing_one_of_its_files_is_reported(given: str, tmp_path: Path) -> None:
+    missing = "key_file" if given.startswith("cert") else "cert_file"
+    text = GOOD.replace("port: 4000", f"port: 4000, tls: {{{given}}}")
+    assert problems(text, tmp_path) == [
+        f"gateway.yaml:1 listener.tls: missing required field '{missing}'"
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the check counts only '{' besides {secret}: a stray '}' is accepted and sent upstream",
+)
+def test_a_format_with_a_stray_closing_brace_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("header: x-api-key", "header: x-api-key\n      format: '{secret}}'")
+    assert problems(text, tmp_path) == [
+        "gateway.yaml:8 routes[0].credential.format: must contain {secret} exactly once and no other braces"
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a broken top-level access block leaves routes without access, so require_access adds "
+    "'configure access (gateway keys)' for a config that did configure it (a route's own broken "
+    "access block gets one message)",
+)
+@pytest.mark.parametrize(
+    "access",
+    ["{keys_file: k, header: x_gk}", "{header: x-gk}", "{keys_file: k, for_client_credentials: 1}"],
+    ids=["a bad header", "no keys file", "a flag that is not a flag"],
+)
+def test_a_broken_default_access_block_is_not_also_an_open_relay(
+    access: str, tmp_path: Path
+) -> None:
+    text = GOOD.replace("127.0.0.1, port: 4000", "0.0.0.0, port: 4000, require_access: true")
+    found = problems(text + f"access: {access}\n", tmp_path)
+    assert len(found) == 1 and found[0].startswith("gateway.yaml:9 access")
