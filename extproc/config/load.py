@@ -72,7 +72,14 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     if top.has("routes") and not routes and top.ok:
         top.error("routes", "give at least one route")
     _check_unique(problems, top, routes)
-    if listener and listener.require_access and not model.is_loopback(listener.address):
+    # A broken top-level access block is reported as such, not also as routes without access.
+    broken_default = top.has("access") and parser.default_access is None
+    if (
+        listener
+        and listener.require_access
+        and not model.is_loopback(listener.address)
+        and not broken_default
+    ):
         for index, route in enumerate(routes):
             if route and route.spends_server_key and route.access is None:
                 problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
@@ -284,7 +291,8 @@ class _Parser:
             )
             header = None
         fmt = s.text("format", "{secret}")
-        if fmt and (fmt.count("{secret}") != 1 or fmt.replace("{secret}", "").count("{")):
+        rest = fmt.replace("{secret}", "") if fmt else ""
+        if fmt and (fmt.count("{secret}") != 1 or "{" in rest or "}" in rest):
             s.error("format", "must contain {secret} exactly once and no other braces")
             fmt = None
         mode = s.choice("mode", model.CredentialMode, model.CredentialMode.PREFER_CLIENT)

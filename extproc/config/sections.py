@@ -91,6 +91,7 @@ class Section:
             return self.raw[key]
         if default is _MISSING:
             self.error(None, f"missing required field {key!r}")
+            return None  # reported: the part is not built
         return default
 
     def text(self, key: str, default: Any = _MISSING) -> Any:
