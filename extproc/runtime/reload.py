@@ -61,6 +61,9 @@ class PolicyHolder:
         self._policy: Policy | None = None
         self._delivered: Policy | None = None  # the routes Envoy has been given
         self.config: GatewayConfig | None = None  # the config the current policy came from
+        # The watched files as the last load (good or bad) began: the watcher skips a change
+        # a SIGHUP has loaded already, instead of loading it a second time.
+        self.attempted: bytes = b""
 
     @property
     def policy(self) -> Policy:
@@ -71,6 +74,7 @@ class PolicyHolder:
     def load(self) -> bool:
         """Load config + secrets; on failure keep the last good policy and report why."""
         with self._lock:
+            self.attempted = fingerprint(self.watched_files())
             try:
                 config = load_config(self.config_path).with_socket(self._socket)
                 if self.config is not None and (
@@ -155,6 +159,7 @@ def watch(
         settled = fingerprint(holder.watched_files())
         if settled != current:
             continue  # still being written: look again next round
-        load()
+        if settled != holder.attempted:  # else a SIGHUP has loaded this very change already
+            load()
         # Not re-read: an edit made while loading must still count as a change next round.
         seen = settled
