@@ -116,26 +116,29 @@ class _Seen(NamedTuple):
 
 
 def _scan(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> _Seen:
-    seen = _Seen(None, [], [], [], set())
+    blank: list[str] = []
+    filled: list[str] = []
+    keyed: list[str] = []
+    presented: set[bytes] = set()
     paying = None
     key_header = rule.keys.header if rule.keys else None
     for name, value in headers:
         lower = name.lower()
         if lower == key_header:  # Envoy strips this header on every route
-            seen.presented.add(value.strip())
+            presented.add(value.strip())
         elif lower in STANDARD_SLOTS or lower in rule.client_credentials:
             key = gateway_key(value)
             if key is not None:
-                _add(seen.keyed, lower)
-                seen.presented.add(key)
+                _add(keyed, lower)
+                presented.add(key)
             elif lower in rule.client_credentials:
                 token = token_of(lower, value)
                 if not token or token in rule.placeholders:
-                    _add(seen.blank, lower)
+                    _add(blank, lower)
                 else:
-                    _add(seen.filled, lower)
+                    _add(filled, lower)
                     paying = paying or _paying(lower)
-    return seen._replace(paying=paying)
+    return _Seen(paying, blank, filled, keyed, presented)
 
 
 def _paying(header: str) -> Outcome:

@@ -18,8 +18,8 @@ from extproc.policy.limits import Admission
 from extproc.policy.responses import PHASE_REPLIES
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
-_SPENDS = frozenset({Outcome.INJECTED, Outcome.REPLACED})  # the organisation's key pays
 ROUTE_ATTRIBUTE = "xds.route_name"
+_SPENDS = frozenset({Outcome.INJECTED, Outcome.REPLACED})  # the organisation's key pays
 _UNKNOWN_ROUTE = responses.unknown_route()
 _NO_ROUTE = ext_proc.ProcessingResponse(
     request_headers=ext_proc.HeadersResponse()

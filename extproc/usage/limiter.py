@@ -37,20 +37,19 @@ class Limiter:
         if limit.concurrent is not None and self.store.inflight(client) >= limit.concurrent:
             message = f"Client '{client}' has {limit.concurrent} requests in flight, its limit."
             return Refusal(429, "concurrent", 1, message)
-        if limit.requests_per_minute is not None:
-            key, resets = _window(client, "requests", 60, now)
-            if self.store.get(key) >= limit.requests_per_minute:
-                rpm = limit.requests_per_minute
+        rpm = limit.requests_per_minute
+        if rpm is not None:
+            requests, minute_ends = _window(client, "requests", 60, now)
+            if self.store.get(requests) >= rpm:
                 message = f"Client '{client}' reached its {rpm} requests per minute."
-                return Refusal(429, "requests_per_minute", _seconds(resets - now), message)
+                return Refusal(429, "requests_per_minute", _seconds(minute_ends - now), message)
         if limit.tokens is not None:
             key, resets = _window(client, "tokens", limit.token_window_s, now)
             if self.store.get(key) >= limit.tokens:
                 message = f"Client '{client}' used its {limit.tokens} tokens for this window."
                 return Refusal(429, "tokens", _seconds(resets - now), message)
-        if limit.requests_per_minute is not None:
-            key, resets = _window(client, "requests", 60, now)
-            self.store.incr(key, 1, resets + 60)
+        if rpm is not None:
+            self.store.incr(requests, 1, minute_ends + 60)
         return None
 
     def charge(self, client: str, limit: Limit, tokens: int) -> None:
@@ -61,8 +60,7 @@ class Limiter:
         self.store.incr(key, tokens, resets + 60)
 
     def close(self) -> None:
-        if isinstance(self.store, RedisStore):
-            self.store.close()
+        self.store.close()
 
     def started(self, client: str) -> None:
         self.store.inflight_add(client, 1)

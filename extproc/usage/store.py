@@ -37,6 +37,8 @@ class Store(Protocol):
 
     def inflight_add(self, client: str, delta: int) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class MemoryStore:
     """Counters of this process alone: exact, and gone with it."""
@@ -72,6 +74,9 @@ class MemoryStore:
                 self._inflight[client] = count
             else:
                 self._inflight.pop(client, None)
+
+    def close(self) -> None:
+        """Nothing to let go of: the counters go with the process."""
 
     def _purge(self) -> None:
         """Drop expired windows now and then (walks live keys, never every client)."""
@@ -134,11 +139,10 @@ class RedisStore(MemoryStore):
 
     def incr(self, key: str, amount: int, expires_at: float) -> None:
         with self._lock:
-            pending = self._pending.get(key)
-            if pending is None and len(self._pending) >= MAX_PENDING_KEYS:
+            if key not in self._pending and len(self._pending) >= MAX_PENDING_KEYS:
                 self._lost += amount
                 return
-            self._pending[key] = ((pending[0] if pending else 0) + amount, expires_at)
+            self._add_pending(key, amount, expires_at)
             self._expiry[key] = expires_at
             self._watch[key] = expires_at
 
@@ -211,9 +215,7 @@ class RedisStore(MemoryStore):
             at = 0
             for key, (delta, _) in push.items():
                 self._counts[key] = int(results[at])  # type: ignore[call-overload]
-                self._sending[key] -= delta
-                if not self._sending[key]:
-                    del self._sending[key]
+                self._unsend(key, delta)
                 at += 2
             for key in watched:
                 value = results[at]
@@ -233,16 +235,23 @@ class RedisStore(MemoryStore):
     def _failed(self, push: dict[str, tuple[int, float]], exc: Exception) -> None:
         with self._lock:
             for key, (delta, expires_at) in push.items():
-                pending = self._pending.get(key)
-                self._pending[key] = ((pending[0] if pending else 0) + delta, expires_at)
-                self._sending[key] -= delta
-                if not self._sending[key]:
-                    del self._sending[key]
+                self._add_pending(key, delta, expires_at)
+                self._unsend(key, delta)
             lost, self._lost = self._lost, 0
         if self._healthy:
             log.warning("limits store unreachable (%s); counting locally", type(exc).__name__)
         self._healthy = False
         self._on_sync(False, lost)
+
+    def _add_pending(self, key: str, delta: int, expires_at: float) -> None:
+        pending = self._pending.get(key)
+        self._pending[key] = ((pending[0] if pending else 0) + delta, expires_at)
+
+    def _unsend(self, key: str, delta: int) -> None:
+        """``delta`` of ``key`` is no longer on its way (pushed, or back to pending)."""
+        self._sending[key] -= delta
+        if not self._sending[key]:
+            del self._sending[key]
 
     def _purge_watch(self, now: float) -> None:
         for key in [k for k, at in self._watch.items() if at < now]:
