@@ -17,6 +17,8 @@ from extproc.config.limits import LIMITS
 from extproc.config.limits import limits as parse_limits
 from extproc.config.model import KEY_PREFIX
 from extproc.config.sections import ConfigError, Problems, Section, field_name
+from extproc.config.spend import SPEND
+from extproc.config.spend import spend as parse_spend
 from extproc.config.yamlsource import Document, YamlSyntaxError, load
 
 _PLACEHOLDER = re.compile(r"^[!-+\--~]{1,200}$")  # visible ASCII without ','
@@ -88,6 +90,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     limits = parse_limits(
         top.section("limits", LIMITS), problems, parser.secret, workers, bool(metering)
     )
+    spend = parse_spend(top.section("spend", SPEND), problems, parser.secret, base, bool(metering))
     tcp_extproc = extproc if extproc and not extproc.socket else None
     _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
     if problems.items:
@@ -103,12 +106,13 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         metrics=metrics if top.has("metrics") else None,
         metering=bool(metering),
         limits=limits,
+        spend=spend,
     )
 
 
 _TOP = [
     "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering", "limits",
-    "routes",
+    "spend", "routes",
 ]  # fmt: skip
 _LISTENER = [
     "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",

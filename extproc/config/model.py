@@ -14,6 +14,10 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # spend.py builds on this module's types
+    from extproc.config.spend import Spend
 
 DEFAULT_CLIENT_CREDENTIALS = ("authorization", "x-api-key")
 # Every gateway key starts with this, so Envoy tells one from a provider credential by itself.
@@ -243,6 +247,7 @@ class GatewayConfig:
     system_ca_file: Path = Path("/etc/ssl/certs/ca-certificates.crt")
     metering: bool = False  # observe responses on credential routes for token usage
     limits: Limits | None = None
+    spend: Spend | None = None  # prices, budgets in USD, the ledger
 
     def with_socket(self, socket: Path | None) -> GatewayConfig:
         """This config with the processor on ``socket`` (``up`` uses a private one)."""

@@ -1,0 +1,135 @@
+"""What a usage record cost, in integer nano-dollars (1e-9 USD), never a float.
+
+Prices come from the YAML's overrides first (negotiated or private models),
+then from ``genai-prices``' bundled table (providers, models, price history and
+long-context tiers). Only the bundled table is read: nothing here fetches
+prices at run time. A model neither knows is an unknown cost (None), reported
+once per model, never zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Protocol
+
+import genai_prices
+from genai_prices import Usage
+from genai_prices.data_snapshot import get_snapshot
+
+from extproc.config.spend import Price
+from extproc.usage.record import UsageRecord
+
+log = logging.getLogger("extproc.spend")
+NANO_PER_USD = 10**9
+_MTOK = Decimal(10**6)
+
+
+class Pricer(Protocol):
+    def __call__(self, record: UsageRecord) -> Decimal | None: ...
+
+
+def nano(usd: Decimal) -> int:
+    """USD as whole nano-dollars, rounded half to even (exact for prices to 1e-3 $/MTok)."""
+    return int((usd * NANO_PER_USD).to_integral_value(ROUND_HALF_EVEN))
+
+
+def usd(nano_usd: int) -> Decimal:
+    return Decimal(nano_usd) / NANO_PER_USD
+
+
+class PriceBook:
+    """Prices records; the lookup of each model is done once and kept."""
+
+    def __init__(
+        self,
+        overrides: tuple[tuple[str, Price], ...] = (),
+        on_unknown: Callable[[str], None] | None = None,
+    ) -> None:
+        self._overrides = dict(overrides)
+        self._pricers: dict[str, Pricer | None] = {}
+        self._on_unknown = on_unknown
+        digest = hashlib.sha256(repr(sorted(self._overrides.items())).encode()).hexdigest()[:8]
+        self.version = f"genai-prices {genai_prices.__version__}" + (
+            f" + overrides {digest}" if self._overrides else ""
+        )
+
+    def cost(self, record: UsageRecord) -> int | None:
+        """Nano-dollars; 0 for an answer that used nothing; None when the cost is unknown."""
+        if not record.known:
+            # An error answer reports no usage and cost nothing; a success without usage is unknown.
+            return 0 if not 200 <= record.status < 300 else None
+        pricer = self._pricer(record.model)
+        if pricer is None:
+            return None
+        amount = pricer(record)
+        return None if amount is None else nano(amount)
+
+    def _pricer(self, model: str) -> Pricer | None:
+        if model in self._pricers:
+            return self._pricers[model]
+        override = self._overrides.get(model)
+        pricer = _flat(override) if override else _from_table(model)
+        self._pricers[model] = pricer
+        if pricer is None:
+            log.warning("no price for model %r: its cost is counted as unknown", model[:80])
+            if self._on_unknown is not None:
+                self._on_unknown(model)
+        return pricer
+
+
+def _flat(price: Price) -> Pricer:
+    def cost(record: UsageRecord) -> Decimal | None:
+        total = Decimal(0)
+        for tokens, per_mtok in (
+            (record.input, price.input),
+            (record.output, price.output),
+            (record.cache_read, price.cache_read),
+            (record.cache_creation_5m, price.cache_write_5m),
+            (record.cache_creation_1h, price.cache_write_1h),
+        ):
+            if tokens:
+                if per_mtok is None:
+                    return None  # tokens of a kind this model has no price for
+                total += tokens * per_mtok / _MTOK
+        return total
+
+    return cost
+
+
+def _from_table(model: str) -> Pricer | None:
+    if not model:
+        return None
+    try:
+        _, info = get_snapshot().find_provider_model(model, None, None, None)
+    except LookupError:
+        return None
+
+    def cost(record: UsageRecord) -> Decimal | None:
+        at = datetime.fromtimestamp(record.time, UTC)
+        try:  # the price in force when the request was made
+            return info.get_prices(at).calc_price(_usage(record))["total_price"]
+        except (LookupError, ValueError):
+            return None
+
+    return cost
+
+
+def _usage(record: UsageRecord) -> Usage:
+    """genai-prices counts every input token in ``input_tokens``; the record counts kinds apart."""
+    read, five, hour = (
+        record.cache_read or 0,
+        record.cache_creation_5m or 0,
+        record.cache_creation_1h or 0,
+    )
+    return Usage(
+        input_tokens=(record.input or 0) + read + five + hour,
+        output_tokens=record.output or 0,
+        cache_read_tokens=read,
+        cache_write_tokens=five + hour,
+        cache_write_5m_tokens=five,
+        cache_write_1h_tokens=hour,
+    )
