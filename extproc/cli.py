@@ -1,4 +1,4 @@
-"""Command line: validate, render, serve, up, health, keygen."""
+"""Command line: validate, render, serve, up, health, status, keygen."""
 
 from __future__ import annotations
 
@@ -53,19 +53,40 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Exit 0 iff the processor named by CONFIG answers SERVING (for container health checks)."""
+    """Exit 0 iff the processor named by CONFIG answers SERVING (for container health checks).
+
+    A running ``up`` for CONFIG has recorded its private socket (``runtime.state``);
+    that is asked first, then ``extproc``'s address. The config service's state
+    (stale config, stuck watcher) is printed but does not change the exit code.
+    """
     import grpc
 
     from extproc.runtime.processes import health_status
+    from extproc.runtime.serve import CONFIG_HEALTH
+    from extproc.runtime.state import UP_FILE, read_state
 
     settings = load_config(args.config).extproc
+    recorded = read_state(args.config, UP_FILE)
+    target = str(recorded["target"]) if recorded and recorded.get("target") else settings.target
     try:
-        status = health_status(settings.target, timeout=args.timeout)
+        status = health_status(target, timeout=args.timeout)
+        config_ok = health_status(target, timeout=args.timeout, service=CONFIG_HEALTH) == 1
     except grpc.RpcError as exc:
-        print(f"not healthy: {exc.code().name}", file=sys.stderr)
+        print(f"not healthy: {exc.code().name} ({target})", file=sys.stderr)
         return 1
     print("SERVING" if status == 1 else f"not serving (status {status})")
+    if not config_ok:
+        print("config: NOT current (a change not loaded, or the watcher is stuck: see the log)")
     return 0 if status == 1 else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    """What is served: versions in the processor and in Envoy, store, counts (never keys)."""
+    from extproc.runtime.status import report
+
+    same, lines = report(args.config, load_config(args.config))
+    print("\n".join(lines))
+    return 0 if same else 1
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -122,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy", default="envoy", help="the envoy binary (default: from PATH)")
     health = add("health", _health, "exit 0 iff the ext_proc service is SERVING")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
+    add("status", _status, "show what is served: config versions, store, route and client counts")
     keygen = commands.add_parser("keygen", help="make a gateway client key and its keys-file line")
     keygen.add_argument("name", help="who the key is for (shown in metrics and the access log)")
     keygen.add_argument(
@@ -141,5 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.handler(args)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    except OSError as exc:  # a missing folder, an unreadable or unwritable file: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     return code

@@ -161,6 +161,9 @@ def listener(config: GatewayConfig, rds_source: Json | None = None) -> Json:
         # /drain_listeners?inboundonly (used by `up` on SIGTERM) drains only INBOUND listeners.
         "traffic_direction": "INBOUND",
         "address": socket_address(config.listener.address, config.listener.port),
+        # The port is this gateway's alone: a second Envoy on it fails instead of splitting
+        # clients with us (SO_REUSEPORT, Envoy's default on Linux).
+        "enable_reuse_port": False,
         "per_connection_buffer_limit_bytes": 32768,
         "filter_chains": [chain],
     }

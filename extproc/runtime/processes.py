@@ -1,6 +1,8 @@
 """Start, watch and stop the two processes; shared by ``up`` and the tests.
 
 Readiness is polled with a deadline that raises; nothing sleeps "long enough".
+gRPC is imported only by the functions that speak it: ``up`` imports this
+module and must not start gRPC's threads before it forks Envoy.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from extproc.config.model import Endpoint
 from extproc.runtime.envoy_admin import admin_get
 
@@ -28,6 +27,7 @@ PR_SET_PDEATHSIG = 1
 # Envoy writes its access log out this often (its default is 10 s, too late to watch a request).
 # The same value is on Envoy's command line in docker-compose.yml and deploy/kubernetes/.
 FILE_FLUSH_INTERVAL_MS = 500
+SERVING = 1  # grpc.health.v1 HealthCheckResponse.SERVING
 
 
 class NotReady(RuntimeError):
@@ -44,11 +44,14 @@ def find_envoy(name: str = "envoy") -> str:
     return found
 
 
-def health_status(address: str, timeout: float = 1.0) -> int:
+def health_status(address: str, timeout: float = 1.0, service: str = "") -> int:
     """The processor's gRPC health status (health_pb2 enum value); raises grpc.RpcError."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return int(reply.status)
 
 
@@ -60,11 +63,13 @@ def _ensure_running(process: subprocess.Popen[bytes] | None, what: str) -> None:
 def wait_serving(
     address: str, deadline_s: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
+    import grpc
+
     end = time.monotonic() + deadline_s
     while True:
         _ensure_running(process, "ext_proc service")
         try:
-            if health_status(address, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+            if health_status(address, timeout=0.5) == SERVING:
                 return
         except grpc.RpcError:
             pass
@@ -191,14 +196,32 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_child(command: list[str], **options: Any) -> subprocess.Popen[bytes]:
-    """Start a managed child in its own process group.
+def _die_with_parent_sighup_blocked() -> None:
+    """As ``_die_with_parent``, and SIGHUP blocked until the child installs its handler."""
+    _die_with_parent()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+def start_child(
+    command: list[str], block_sighup: bool = False, **options: Any
+) -> subprocess.Popen[bytes]:
+    """Start a managed child in its own process group, with no descriptor of ours.
 
     A terminal's Ctrl-C then reaches only the parent, which stops the children
     in order (Envoy drained first) instead of all of them at once; and the
-    child is stopped if the parent dies.
+    child is stopped if the parent dies. Only stdin/stdout/stderr are passed on
+    (``close_fds``): a child never shares an event loop's or a channel's descriptor.
+    ``block_sighup``: the child starts with SIGHUP blocked (the mask survives exec).
     """
-    return subprocess.Popen(command, process_group=0, preexec_fn=_die_with_parent, **options)  # noqa: PLW1509
+    setup = _die_with_parent_sighup_blocked if block_sighup else _die_with_parent
+    return subprocess.Popen(
+        command,
+        process_group=0,
+        preexec_fn=setup,  # noqa: PLW1509 (async-signal-safe calls only: prctl, sigmask)
+        close_fds=True,
+        pass_fds=(),
+        **options,
+    )
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:

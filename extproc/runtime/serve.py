@@ -4,13 +4,20 @@ Health is SERVING only once config and secrets are loaded; SIGTERM turns it
 NOT_SERVING first (so Envoy and probes stop sending), then the server stops
 with a grace period for the streams in flight. A second health service name,
 ``CONFIG_HEALTH``, is NOT_SERVING while a broken config change is being
-ignored (the last good config still serves).
+ignored or could not be delivered to Envoy (the last good config still
+serves), and while the config watcher is stuck (no round for
+``status.STUCK_SECONDS``) or gone. The processor records what it serves in the
+config's state folder (``state``, ``status``), where ``health`` and ``status`` find it.
+
+A worker starts with SIGHUP blocked (its supervisor sets the mask before exec):
+one that arrives before the handler is installed waits, and is taken once it is.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -19,6 +26,7 @@ from extproc.config.model import ServerKind
 from extproc.config.sections import ConfigError
 from extproc.policy.secrets import SecretError
 from extproc.runtime.reload import PolicyHolder, watch
+from extproc.runtime.status import ProcessorRecord, watcher_stuck
 from extproc.runtime.workers import Supervisor, report_version
 from extproc.runtime.xds import XdsWriter
 from extproc.server import grpcio_backend, lean_backend
@@ -29,6 +37,7 @@ from extproc.usage.limiter import limiter_for
 
 log = logging.getLogger("extproc")
 GRACE_SECONDS = 5.0
+WATCHDOG_SECONDS = 5.0
 CONFIG_HEALTH = "credential-gateway.config"
 
 
@@ -66,50 +75,94 @@ def _serve_one(
     assert config is not None
     settings = config.extproc
     if config.metrics is not None and worker_dir is None:
-        metrics.serve(config.metrics)
-    health: lean_backend.Health | grpcio_backend.GrpcioHealth
-    health = (
-        lean_backend.Health()
-        if settings.server is ServerKind.LEAN
-        else grpcio_backend.GrpcioHealth()
-    )
-    stop_watching = threading.Event()
-
-    def reload() -> bool:
-        ok = holder.load()
-        health.set(CONFIG_HEALTH, ok)
-        if worker_dir is not None:
-            report_version(worker_dir, holder.policy.version)
-        return ok
-
-    def on_started() -> None:
-        for service in ("", SERVICE_NAME, CONFIG_HEALTH):
-            health.set(service, True)
-        log.info("ext_proc (%s) on %s", settings.server.value, settings.where)
-        if worker_dir is not None:  # the supervisor watches the files and sends SIGHUP
-            report_version(worker_dir, holder.policy.version)
-        else:
-            watcher = threading.Thread(
-                target=watch, args=(holder, stop_watching, reload), daemon=True
-            )
-            watcher.start()
-
-    def on_reload_signal() -> None:
-        threading.Thread(target=reload, name="reload", daemon=True).start()
-
-    hooks = Hooks(on_started, on_reload_signal, GRACE_SECONDS)
+        try:
+            metrics.serve(config.metrics)
+        except OSError as exc:
+            where = f"{config.metrics.address}:{config.metrics.port}"
+            log.error("metrics port %s: cannot listen: %s", where, exc.strerror or exc)
+            return 1
+    run = _Run(holder, worker_dir, settings.server)
     try:
-        limiter = limiter_for(config.limits, os.environ, metrics.store_synced)
+        limiter = limiter_for(config.limits, os.environ, run.store_synced)
     except SecretError as exc:
         log.error("limits store password: %s", exc)
         return 2
     services = Services(holder, metrics, limiter)
+    hooks = Hooks(run.on_started, run.on_reload_signal, GRACE_SECONDS)
+    health = run.health
     if isinstance(health, lean_backend.Health):
         code = lean_backend.run(settings, services=services, health=health, hooks=hooks)
     else:
         code = grpcio_backend.run(settings, services=services, health=health, hooks=hooks)
     if limiter is not None:
         limiter.close()
-    stop_watching.set()
+    run.stopped()
     log.info("ext_proc stopped")
     return code
+
+
+class _Run:
+    """One processor's health, watcher and status record while it serves."""
+
+    def __init__(self, holder: PolicyHolder, worker_dir: Path | None, kind: ServerKind) -> None:
+        self.holder = holder
+        self.worker_dir = worker_dir
+        self.health: lean_backend.Health | grpcio_backend.GrpcioHealth = (
+            lean_backend.Health() if kind is ServerKind.LEAN else grpcio_backend.GrpcioHealth()
+        )
+        assert holder.config is not None
+        target = holder.config.extproc.target
+        self.record = ProcessorRecord(holder, target) if worker_dir is None else None
+        self.stop = threading.Event()
+        self.watcher = threading.Thread(
+            target=watch, args=(holder, self.stop, self.reload), name="watch", daemon=True
+        )
+
+    def config_healthy(self) -> None:
+        stuck = self.worker_dir is None and watcher_stuck(self.holder, self.watcher.is_alive())
+        self.health.set(CONFIG_HEALTH, self.holder.last_ok and not stuck)
+        if self.record is not None:
+            self.record.watcher = "STUCK" if stuck else "ok"
+            self.record.write()
+
+    def reload(self) -> bool:
+        ok = self.holder.load()
+        self.config_healthy()
+        if self.worker_dir is not None:
+            report_version(self.worker_dir, self.holder.policy.version)
+        return ok
+
+    def on_reload_signal(self) -> None:
+        threading.Thread(target=self.reload, name="reload", daemon=True).start()
+
+    def on_started(self) -> None:
+        for service in ("", SERVICE_NAME, CONFIG_HEALTH):
+            self.health.set(service, True)
+        settings = self.holder.config
+        assert settings is not None
+        log.info("ext_proc (%s) on %s", settings.extproc.server.value, settings.extproc.where)
+        if self.worker_dir is not None:  # the supervisor watches the files and sends SIGHUP
+            report_version(self.worker_dir, self.holder.policy.version)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # handler in place
+            return
+        self.watcher.start()
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+        if self.record is not None:
+            self.record.serving = True
+            self.record.write()
+
+    def store_synced(self, ok: bool, lost: int) -> None:
+        self.holder.metrics.store_synced(ok, lost)
+        if self.record is not None:
+            self.record.store_synced(ok)
+
+    def stopped(self) -> None:
+        self.stop.set()
+        if self.record is not None:
+            self.record.serving = False
+            self.record.write()
+
+    def _watchdog(self) -> None:
+        """Re-check config health every few seconds: a stuck watcher cannot report itself."""
+        while not self.stop.wait(WATCHDOG_SECONDS):
+            self.config_healthy()

@@ -6,7 +6,17 @@ the files: on a change it loads the config itself, tells every worker to
 reload (SIGHUP), waits until each reports the same policy version, and only
 then hands Envoy the new routes, so no request can reach a worker that does
 not know its route yet. It also serves the workers' summed metrics, restarts
-a worker that dies, and passes SIGTERM on for a graceful stop.
+a worker that dies (first dropping its gauges from the sum), and passes SIGTERM
+on for a graceful stop.
+
+A worker is started with SIGHUP blocked, so a reload signal sent before its
+handler is installed waits instead of killing it; the worker unblocks it once
+its handler is in place (``serve``).
+
+If Envoy does not take the new files, the supervisor's policy and Envoy's
+files go back to the last good config and the load is retried; the workers
+keep the new policy meanwhile (it knows the old route names too), and take
+the config again with the retry.
 """
 
 from __future__ import annotations
@@ -26,8 +36,8 @@ from types import FrameType
 from extproc.config.model import GatewayConfig
 from extproc.runtime.processes import Backoff, start_child
 from extproc.runtime.reload import PolicyHolder, watch
-from extproc.runtime.xds import XdsWriter, atomic_write
-from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers
+from extproc.runtime.xds import DeliveryError, XdsWriter, atomic_write
+from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers, worker_died
 
 log = logging.getLogger("extproc.workers")
 RESTART_DELAY_S = 1.0
@@ -61,17 +71,16 @@ class Supervisor:
         self.workers: list[subprocess.Popen[bytes]] = []
         self._backoff: dict[int, Backoff] = {}  # by worker slot
 
-    def _roll_out(self, config: GatewayConfig) -> None:
+    def _roll_out(self, config: GatewayConfig, version: str) -> None:
         """Every worker reloads and confirms before Envoy gets the new routes."""
-        version = self.holder.policy.version
         for worker in self.workers:
             worker.send_signal(signal.SIGHUP)
         if self.workers and not self._confirmed(version):
-            raise OSError(
+            raise DeliveryError(
                 f"not every worker loaded config {version} within {RELOAD_DEADLINE_S:.0f}s"
             )
         if self.writer is not None:
-            self.writer.write(config)
+            self.writer.write(config, version)
 
     def _load(self) -> bool:
         """A failed load is passed on too: each worker then reports it in health and metrics."""
@@ -115,7 +124,7 @@ class Supervisor:
         return 0
 
     def _start(self) -> subprocess.Popen[bytes]:
-        return start_child(self.command, env=self.env)
+        return start_child(self.command, env=self.env, block_sighup=True)
 
     def _restart_dead(self) -> None:
         """Replace dead workers, backing off (up to a minute) while they keep dying."""
@@ -125,6 +134,7 @@ class Supervisor:
             if worker.poll() is None or backoff.wait_s(now) > 0:
                 continue
             log.error("worker %d exited with %s; restarting it", worker.pid, worker.returncode)
+            worker_died(worker.pid, self.run_dir / "metrics")
             backoff.restarted(now)
             self.workers[index] = self._start()
 

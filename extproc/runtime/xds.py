@@ -6,16 +6,24 @@ then (once a running Envoy lists the new clusters as active) routes, then the
 listener, so a route never names a cluster Envoy cannot use yet. The previous
 generation's clusters are kept one reload longer, so requests still routed by
 the old routes finish on their old cluster.
+
+Each file carries the policy version as its ``version_info``. File-based xDS
+has no ACK; Envoy's ``version_text`` stat for CDS, RDS and LDS is the
+acknowledgement: a write is delivered only once a running Envoy shows the new
+version for all three. If it does not (a file rejected, a disk error, no answer
+in time) the last delivered files are written back and ``DeliveryError`` is
+raised, so Envoy and the processor stay on the same config.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.error
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from extproc.config.model import Endpoint, GatewayConfig
@@ -26,6 +34,25 @@ from extproc.runtime.envoy_admin import admin_get
 
 log = logging.getLogger("extproc.runtime.xds")
 CLUSTER_WAIT_SECONDS = 5.0
+ACCEPT_WAIT_SECONDS = 10.0
+KINDS = ("cds", "rds", "lds")
+# One stat each: the version Envoy last accepted from that file (the route config is "gateway").
+VERSION_STATS = {
+    "cds": "cluster_manager.cds.version_text",
+    "rds": "http.gateway.rds.gateway.version_text",
+    "lds": "listener_manager.lds.version_text",
+}
+_VERSION_FILTER = "/stats?filter=" + "|".join(
+    "^" + re.escape(stat) + "$" for stat in VERSION_STATS.values()
+)
+
+
+class DeliveryError(Exception):
+    """Envoy did not take the new files (or they could not be written); the old ones are back."""
+
+
+class EnvoyAway(Exception):
+    """No Envoy answers on the admin port (not started yet, or run elsewhere)."""
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -39,6 +66,50 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def envoy_versions(admin: Endpoint, timeout: float = 1.0) -> dict[str, str]:
+    """The version Envoy last accepted per kind (cds, rds, lds); "" for one not loaded yet.
+
+    Raises EnvoyAway if nothing listens on the admin port, OSError if Envoy does not answer.
+    """
+    try:
+        page = admin_get(admin, _VERSION_FILTER, timeout=timeout)
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            raise EnvoyAway(f"no Envoy admin on {admin.address}:{admin.port}") from exc
+        raise
+    found = {}
+    for line in page.splitlines():
+        stat, _, value = line.partition(": ")
+        found[stat] = value.strip().strip('"')
+    return {kind: found.get(stat, "") for kind, stat in VERSION_STATS.items()}
+
+
+def wait_accepted(admin: Endpoint, version: str, deadline_s: float) -> None:
+    """Until a running Envoy shows ``version`` for CDS, RDS and LDS; raises DeliveryError.
+
+    No Envoy running (first start, or Envoy is elsewhere): nothing to wait for,
+    it reads every file when it starts.
+    """
+    end = time.monotonic() + deadline_s
+    versions: dict[str, str] = {}
+    while True:
+        try:
+            versions = envoy_versions(admin)
+        except EnvoyAway:
+            return
+        except OSError:  # a busy Envoy: ask again until the deadline
+            pass
+        if versions and all(v == version for v in versions.values()):
+            return
+        if time.monotonic() > end:
+            behind = sorted(kind for kind, v in versions.items() if v != version) or list(KINDS)
+            raise DeliveryError(
+                f"Envoy did not accept config {version} within {deadline_s:.0f}s "
+                f"({', '.join(behind)} not taken: see Envoy's log)"
+            )
+        time.sleep(0.02)
 
 
 def wait_for_clusters(admin: Endpoint, names: Collection[str], deadline_s: float) -> None:
@@ -68,21 +139,51 @@ def wait_for_clusters(admin: Endpoint, names: Collection[str], deadline_s: float
 
 
 class XdsWriter:
-    """Writes the discovery files for one ``xds_dir``; remembers the previous clusters."""
+    """Writes the discovery files for one ``xds_dir``; remembers what Envoy last took."""
 
-    def __init__(self, xds_dir: Path) -> None:
+    def __init__(self, xds_dir: Path, accept_wait_s: float = ACCEPT_WAIT_SECONDS) -> None:
         self.xds_dir = xds_dir
-        self._previous: list[Json] = []
+        self.accept_wait_s = accept_wait_s
+        self._previous: list[Json] = []  # the clusters of the last delivered config
+        self._delivered: dict[str, str] = {}  # the files' texts Envoy last accepted, by kind
 
-    def write(self, config: GatewayConfig) -> None:
-        self.xds_dir.mkdir(parents=True, exist_ok=True)
+    def write(self, config: GatewayConfig, version: str = "") -> None:
+        """Write the files for ``config`` and (with a version) wait until Envoy takes them.
+
+        Raises DeliveryError (with the last delivered files written back) if it does not.
+        """
         current = clusters(config)
         names = {cluster["name"] for cluster in current}
         retired = [cluster for cluster in self._previous if cluster["name"] not in names]
         documents = render_resources(config, self.xds_dir, retired)
-        for kind in ("cds", "rds", "lds"):
-            atomic_write(self.xds_dir / RESOURCE_FILES[kind], to_json(documents[kind]))
+        texts = {kind: to_json(_versioned(documents[kind], version)) for kind in KINDS}
+        try:
+            self._write_all(config.admin, texts, names)
+            if version:
+                wait_accepted(config.admin, version, self.accept_wait_s)
+        except (OSError, DeliveryError) as exc:
+            self._roll_back(config.admin)
+            raise exc if isinstance(exc, DeliveryError) else DeliveryError(str(exc)) from exc
+        self._previous = current
+        self._delivered = texts
+
+    def _write_all(self, admin: Endpoint, texts: Mapping[str, str], names: set[str]) -> None:
+        self.xds_dir.mkdir(parents=True, exist_ok=True)
+        for kind in KINDS:
+            atomic_write(self.xds_dir / RESOURCE_FILES[kind], texts[kind])
             if kind == "cds" and self._previous:
                 added = names - {cluster["name"] for cluster in self._previous}
-                wait_for_clusters(config.admin, added, CLUSTER_WAIT_SECONDS)
-        self._previous = current
+                wait_for_clusters(admin, added, CLUSTER_WAIT_SECONDS)
+
+    def _roll_back(self, admin: Endpoint) -> None:
+        """Put back the files Envoy last accepted (best effort: the error is already raised)."""
+        if not self._delivered:
+            return
+        try:
+            self._write_all(admin, self._delivered, set())
+        except OSError as exc:
+            log.error("could not write back the last delivered xDS files: %s", exc)
+
+
+def _versioned(document: Json, version: str) -> Json:
+    return {"version_info": version, **document} if version else document

@@ -3,7 +3,9 @@
 Labels are route names, outcomes and results only: never a header value, a
 client credential or a secret. With ``extproc.workers`` > 1 every worker
 writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
-multiprocess mode) and the supervising process serves their sum.
+multiprocess mode) and the supervising process serves their sum. Gauges use
+the ``live*`` modes: the supervisor calls ``worker_died`` for a dead worker, so
+its last values leave the sum at once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from extproc.config.model import Endpoint
 from extproc.policy.decision import Outcome
@@ -49,13 +51,18 @@ class Metrics:
             "1 for the config version being served.",
             ["version"],
             registry=self.registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.config_last_reload_ok = Gauge(
             "gateway_config_last_reload_success",
             "1 if the last config load succeeded; 0 if the last good config is kept.",
             registry=self.registry,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
+        )
+        self.watch_errors = Counter(
+            "gateway_config_watch_errors",
+            "Unexpected errors in the config watcher (each logged); it keeps watching.",
+            registry=self.registry,
         )
 
         self.usage_requests = Counter(
@@ -75,7 +82,7 @@ class Metrics:
             "gateway_limits_store_up",
             "1 while the shared limits store answers; 0 while limits count locally.",
             registry=self.registry,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
         self.limits_lost = Counter(
             "gateway_limits_counts_lost",
@@ -126,6 +133,11 @@ def serve_workers(endpoint: Endpoint, directory: Path) -> None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     start_http_server(endpoint.port, endpoint.address, registry=registry)
+
+
+def worker_died(pid: int, directory: Path) -> None:
+    """Drop a dead worker's gauge values from the sum (its counters stay: they happened)."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

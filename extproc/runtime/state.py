@@ -1,0 +1,67 @@
+"""Where a running gateway says what it serves: a per-user folder derived from the config.
+
+``health`` and ``status`` are given only the YAML. ``up`` listens on a private
+socket in a random folder, so it records that socket here, and the processor
+records what it serves (version, counts, store, watcher) after each load. The
+folder is ``$XDG_RUNTIME_DIR`` (or the temp folder) ``/credential-gateway-<uid>/<digest
+of the config's absolute path>``, mode 0700. Nothing secret is written: paths,
+versions and counts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from extproc.runtime.xds import atomic_write
+
+UP_FILE = "up.json"  # written by ``up``: its pid and where its processor listens
+PROCESSOR_FILE = "processor.json"  # written by the processor: what it serves
+
+
+def state_dir(config_path: Path) -> Path:
+    """The folder for ``config_path``'s gateway (not created)."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    digest = hashlib.sha256(str(config_path.resolve()).encode()).hexdigest()[:16]
+    return base / f"credential-gateway-{os.getuid()}" / digest
+
+
+def write_state(config_path: Path, name: str, data: dict[str, Any]) -> None:
+    """Replace one state file (atomically); an unwritable folder is not an error."""
+    folder = state_dir(config_path)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(folder / name, json.dumps(data, sort_keys=True) + "\n")
+    except OSError:
+        pass  # status is a convenience: serving never depends on it
+
+
+def read_state(config_path: Path, name: str) -> dict[str, Any] | None:
+    """One state file, if it exists and the process that wrote it still runs."""
+    try:
+        data = json.loads((state_dir(config_path) / name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not _alive(data.get("pid")):
+        return None
+    return data
+
+
+def remove_state(config_path: Path, name: str) -> None:
+    (state_dir(config_path) / name).unlink(missing_ok=True)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
