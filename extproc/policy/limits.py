@@ -26,6 +26,13 @@ class Admission(Protocol):
         ...
 
 
+class BudgetAdmission(Protocol):
+    def admit(self, client: str, teams: tuple[str, ...] = ()) -> Refusal | None:
+        """None to go on (a reservation is then held until the request's usage record), or
+        the 429 naming the budget, what was spent and when it resets."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LimitTable:
     """The configured limits, by client name (a lookup, never a walk over clients)."""

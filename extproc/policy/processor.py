@@ -7,6 +7,8 @@ Host), run the decision and hand back answer bytes prebuilt by the policy.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -14,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from extproc.policy import responses
 from extproc.policy.compiled import Policy
 from extproc.policy.decision import Outcome, decide
-from extproc.policy.limits import Admission
+from extproc.policy.limits import Admission, BudgetAdmission
 from extproc.policy.responses import PHASE_REPLIES
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
@@ -36,12 +38,21 @@ class Answer(NamedTuple):
     outcome: Outcome | None  # None: nothing decided (another phase, or no route matched)
     client: str = ""  # the gateway key's client name
     final: bool = True  # nothing more to decide on this stream: end it
+    teams: tuple[str, ...] = ()  # the gateway key's client's teams (from the keys file)
 
 
 def process(
-    policy: Policy, request: ext_proc.ProcessingRequest, admission: Admission | None = None
+    policy: Policy,
+    request: ext_proc.ProcessingRequest,
+    admission: Admission | None = None,
+    budgets: BudgetAdmission | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Answer:
-    """Answer one message of an ext_proc stream; ``admission`` checks the client's limits."""
+    """Answer one message of an ext_proc stream; ``admission`` checks the client's limits,
+    then ``budgets`` the money budgets it counts for (last: it holds a reservation).
+
+    A gateway key past its expiry is refused first, with one float compare (the
+    clock is read only when a valid key was presented)."""
     phase = request.WhichOneof("request")
     if phase != "request_headers":
         if phase is None:
@@ -56,11 +67,18 @@ def process(
     headers = request.request_headers.headers.headers
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
     outcome, client = decision.outcome, decision.client
+    if client and decision.expires <= clock():
+        expired = route.answer(Outcome.EXPIRED, (), client)
+        return Answer(expired, route.name, Outcome.EXPIRED, client)
     if admission is not None and client and outcome in _SPENDS and policy.limits is not None:
         limit = policy.limits.for_client(client)
         if limit.any:
             refusal = admission.admit(client, limit, policy.limits.on_store_error)
             if refusal is not None:
                 return Answer(route.limited(refusal, client), route.name, Outcome.LIMITED, client)
+    if budgets is not None and outcome in _SPENDS:
+        refusal = budgets.admit(client)
+        if refusal is not None:
+            return Answer(route.limited(refusal, client), route.name, Outcome.LIMITED, client)
     payload = route.answer(outcome, decision.remove, client)
-    return Answer(payload, route.name, outcome, client)
+    return Answer(payload, route.name, outcome, client, teams=decision.teams)
