@@ -174,6 +174,12 @@ class Budgets:
                 if cap is not None
             ]
 
+    def spent(self, scope: str, name: str = "") -> tuple[int, ...]:
+        """Spent in the current day, week and month (nano-dollars) of one budget's account."""
+        with self._lock:
+            account = self._account(scope, name, create=False)
+            return tuple(account.spent) if account else (0, 0, 0)
+
     def configured(self) -> Iterable[Account]:
         """The budgets named in the config (bounded: these get gauges)."""
         yield self._org

@@ -1,0 +1,205 @@
+"""The ledger in SQLite: one row per record, budgets rebuilt at start, kill -9, schema versions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from extproc.config.model import StoreFailure
+from extproc.config.spend import Budget, Period, Spend
+from extproc.spend.database import (
+    SCHEMA_VERSION,
+    CounterKey,
+    DatabaseError,
+    Row,
+    SqliteDatabase,
+    Totals,
+)
+from extproc.spend.prices import nano
+from extproc.spend.service import SpendService, open_database
+from extproc.usage.record import UsageRecord
+
+NOW = datetime(2026, 12, 7, 15, 0, tzinfo=ZoneInfo("UTC")).timestamp()
+OPUS = {"input": 10**5, "output": 10**4}  # claude-opus-4-1: 0.1 x $15 + 0.01 x $75 = $2.25
+
+
+def rec(
+    client: str = "alice", source: str = "injected", at: float = NOW, rid: str = "r", **kw: Any
+) -> UsageRecord:
+    tokens = {**OPUS, **kw}
+    return UsageRecord(
+        at, rid, "anthropic", client, ("ml",), source, "claude-opus-4-1", 200, 5, "s-1", **tokens
+    )
+
+
+def spend(tmp_path: Path, **kw: Any) -> Spend:
+    return Spend(state_dir=tmp_path, clients=(("alice", Budget(day=Decimal(5))),), **kw)
+
+
+def rows(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT request_id, client, teams, model, paid_by, input, output, cost_nano, session_id FROM ledger ORDER BY id"
+        ).fetchall()
+
+
+def test_one_row_per_record_with_its_cost_and_who_paid(tmp_path: Path) -> None:
+    s = spend(tmp_path)
+    service = SpendService(s, open_database(s), clock=lambda: NOW)
+    service.records([rec(rid="a"), rec("", "client", rid="b")])
+    assert service.flush() == 2
+    assert rows(s.sqlite_file) == [
+        (
+            "a",
+            "alice",
+            "ml",
+            "claude-opus-4-1",
+            "injected",
+            10**5,
+            10**4,
+            nano(Decimal("2.25")),
+            "s-1",
+        ),
+        # what the client's own key would have cost at API prices: kept, never charged
+        ("b", "", "ml", "claude-opus-4-1", "client", 10**5, 10**4, nano(Decimal("2.25")), "s-1"),
+    ]
+    # the client-paid one is not counted
+    assert service.budgets.spent("organisation")[0] == nano(Decimal("2.25"))
+    service.close()
+
+
+def test_budgets_are_rebuilt_from_the_ledger_at_start(tmp_path: Path) -> None:
+    s = spend(tmp_path)
+    first = SpendService(s, open_database(s), clock=lambda: NOW)
+    first.records([rec(rid="1"), rec(rid="2"), rec(rid="old", at=NOW - 86400)])
+    first.close()
+    again = SpendService(s, open_database(s), clock=lambda: NOW)
+    # today (a Monday) 2 x $2.25, and this week; the month also yesterday's
+    assert again.budgets.spent("client", "alice") == (
+        nano(Decimal("4.5")),
+        nano(Decimal("4.5")),
+        nano(Decimal("6.75")),
+    )
+    assert again.budgets.spent("team", "ml") == (0, 0, 0)  # no team budget configured
+    assert again.admit("alice") is None  # $4.50 of $5.00
+    again.records([rec(rid="3")])
+    refusal = again.admit("alice")
+    assert refusal is not None and "$6.75 spent of $5.00" in refusal.message
+    again.close()
+
+
+def test_a_kill_9_loses_only_the_rows_not_yet_written(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        sys.path[:0] = {[str(Path.cwd()), str(Path.cwd() / "tests")]!r}
+        from unit.test_spend_ledger import rec, spend
+        from extproc.spend.service import SpendService, open_database
+        s = spend(Path({str(tmp_path)!r}))
+        service = SpendService(s, open_database(s))
+        service.records([rec(rid=str(i)) for i in range(500)])
+        service.flush()
+        service.records([rec(rid="unwritten")])  # queued, never flushed
+        print("flushed", flush=True)
+        sys.stdin.read()
+    """)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "flushed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    s = spend(tmp_path)
+    found = rows(s.sqlite_file)
+    assert len(found) == 500 and "unwritten" not in {r[0] for r in found}
+    service = SpendService(s, open_database(s), clock=lambda: NOW)
+    assert service.budgets.spent("organisation")[0] == 500 * nano(Decimal("2.25"))
+    service.close()
+
+
+def test_the_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spend.db"
+    SqliteDatabase(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(
+        DatabaseError, match=r"schema version 99 is newer than this gateway's \(1\)"
+    ):
+        SqliteDatabase(path)
+
+
+def test_rows_past_the_retention_are_pruned(tmp_path: Path) -> None:
+    s = spend(tmp_path, retention_days=30)
+    service = SpendService(s, open_database(s), clock=lambda: NOW)
+    service.records([rec(rid="old", at=NOW - 31 * 86400), rec(rid="new")])
+    service.flush()
+    service._prune(NOW)
+    assert [r[0] for r in rows(s.sqlite_file)] == ["new"]
+    service.close()
+
+
+class Flaky:
+    """A database that is down until told otherwise."""
+
+    where = "flaky"
+
+    def __init__(self) -> None:
+        self.down = False
+        self.written: list[Row] = []
+
+    def write(self, rows: Sequence[Row], counters: Mapping[CounterKey, int]) -> None:
+        if self.down:
+            raise DatabaseError("flaky: connection refused")
+        self.written.extend(rows)
+
+    def rebuild(self, starts: Mapping[Period, float]) -> Totals:
+        return {}
+
+    def counters(self, starts: Mapping[Period, float]) -> Totals:
+        return {}
+
+    def prune(self, before: float) -> int:
+        return 0
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("failure", [StoreFailure.OPEN, StoreFailure.CLOSED])
+def test_database_down_rows_wait_and_budgets_fail_as_configured(
+    tmp_path: Path, failure: StoreFailure
+) -> None:
+    db = Flaky()
+    service = SpendService(spend(tmp_path, on_store_error=failure), db, clock=lambda: NOW)
+    db.down = True
+    service.records([rec(rid="1")])
+    assert service.flush() == 0 and not service.healthy
+    refusal = service.admit("alice")
+    if failure is StoreFailure.CLOSED:
+        assert refusal is not None and refusal.status == 503
+    else:
+        assert refusal is None
+    db.down = False
+    service.records([rec(rid="2")])
+    assert service.flush() == 2 and service.healthy
+    assert [r.request_id for r in db.written] == ["1", "2"]
