@@ -12,7 +12,7 @@ from extproc.config.sections import ConfigError
 from extproc.policy.access import key_line, new_key
 from extproc.policy.compiled import compile_policy
 from extproc.render import render_yaml
-from extproc.runtime.xds import XdsWriter
+from extproc.runtime.xds import DeliveryError, XdsWriter
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -30,7 +30,11 @@ def _render(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     xds_dir = args.xds_dir.resolve() if args.xds_dir else None
     if xds_dir is not None:
-        XdsWriter(xds_dir).write(config)
+        try:
+            XdsWriter(xds_dir).write(config)
+        except DeliveryError as exc:
+            print(f"{xds_dir}: {exc}", file=sys.stderr)
+            return 2
     text = render_yaml(config, xds_dir)
     if args.output:
         args.output.write_text(text)

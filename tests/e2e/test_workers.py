@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 import urllib.request
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from harness import Gateway, RecordingUpstream, credential_route, free_port, http1
+
+from extproc.runtime.workers import Supervisor
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +85,59 @@ def test_a_dead_worker_is_replaced(
     assert survivor in worker_pids(gateway)
     with http1(gateway.base_url) as client:
         wait_for(lambda: client.get("/a/x").status_code == 200)
+
+
+def test_a_dead_workers_gauges_leave_the_sum_at_once(
+    tmp_path: Path, upstream: RecordingUpstream, start_gateway: Callable[..., Gateway]
+) -> None:
+    """A worker that died holding ``last_reload_success 0`` does not pin the sum at 0."""
+    metrics_port = free_port()
+    gateway = start_gateway(
+        [credential_route("a", upstream.url())],
+        env={"A_KEY": "k"},
+        extproc={"workers": 2},
+        top={"metrics": {"address": "127.0.0.1", "port": metrics_port}},
+    )
+    good = gateway.config_path.read_text()
+
+    def last_reload_ok() -> str:
+        line = "gateway_config_last_reload_success "
+        return next(x for x in metrics_text(metrics_port).splitlines() if x.startswith(line))
+
+    broken = gateway.config_path.with_suffix(".broken")
+    broken.write_text(good + "  - [not closed\n")
+    broken.replace(gateway.config_path)
+    wait_for(lambda: last_reload_ok().endswith(" 0.0"))
+    victim, _survivor = worker_pids(gateway)
+    os.kill(victim, signal.SIGKILL)  # dies with its 0; its successor fails to load meanwhile
+    wait_for(lambda: victim not in worker_pids(gateway))
+    gateway.reconfigure()  # the good YAML again
+    wait_for(lambda: len(worker_pids(gateway)) == 2 and last_reload_ok().endswith(" 1.0"), 30)
+
+
+def test_sighup_at_any_moment_of_a_workers_start_is_safe(tmp_path: Path) -> None:
+    """SIGHUP from the moment the worker process exists: it starts, serves and reloads."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"listener: {{address: 127.0.0.1, port: {free_port()}}}\n"
+        f"extproc: {{address: 127.0.0.1, port: {free_port()}, workers: 2}}\n"
+        "routes:\n  - {name: plain, prefix: /p, upstream: 'http://127.0.0.1:1'}\n"
+    )
+    supervisor = Supervisor(config, None, 1.0)
+    worker = supervisor._start()
+    report = supervisor.run_dir / f"{worker.pid}.version"
+    try:
+        end = time.monotonic() + 30
+        while not report.exists():  # one SIGHUP every few ms through the whole start
+            assert worker.poll() is None, f"worker died of SIGHUP (code {worker.returncode})"
+            assert time.monotonic() < end, "worker never reported its version"
+            worker.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        report.unlink()
+        worker.send_signal(signal.SIGHUP)  # taken by the handler: the worker reports again
+        wait_for(lambda: report.exists() or worker.poll() is not None)
+        assert worker.poll() is None, f"worker died of SIGHUP (code {worker.returncode})"
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        shutil.rmtree(supervisor.run_dir, ignore_errors=True)

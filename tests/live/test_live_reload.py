@@ -147,3 +147,36 @@ def test_broken_yaml_keeps_the_old_config_serving_logs_once_and_shows_in_metrics
     assert all(started[n] > fixed_at for n in by_number(setup.new)), "broken config was applied"
     log = gateway.extproc_log.read_text()
     assert len(list(lines_with(log, problem))) == 1, log
+
+
+def test_a_change_envoy_cannot_take_is_served_by_neither_and_is_retried_until_it_can(
+    start_live: Callable[..., LiveGateway], setup: Setup
+) -> None:
+    """A route file that cannot be written: the processor stays on the old config too.
+
+    ``rds.json`` is made a directory (so no write succeeds, even as root); Envoy
+    keeps its routes. Once the file can be written again, the same change is
+    delivered without another edit.
+    """
+    gateway = start_live([setup.old_route()])
+    assert gateway.xds_dir is not None
+    routes_file = gateway.xds_dir / "rds.json"
+    kept = routes_file.with_name("rds.kept")
+    with Traffic(gateway.base_url, SENDERS[:2]) as traffic:
+        traffic.wait_count(10)
+        routes_file.replace(kept)
+        routes_file.mkdir()
+        gateway.reconfigure([setup.new_route()])
+        gateway.wait_metric("gateway_config_last_reload_success", lambda v: v == 0)
+        gateway.wait_health(CONFIG_HEALTH, NOT_SERVING)
+        failed_at = time.monotonic()
+        traffic.wait_count(10, after=failed_at + 1.0)
+        assert not setup.new.requests, "Envoy or the processor took the undelivered config"
+        routes_file.rmdir()
+        kept.replace(routes_file)
+        gateway.wait_metric("gateway_config_last_reload_success", lambda v: v == 1)
+        poll(lambda: len(setup.new.requests), lambda n: n >= 5, "requests at the new upstream")
+    assert_all_succeeded(traffic.sent())
+    setup.assert_each_upstream_saw_only_its_own_key()
+    log = gateway.extproc_log.read_text()
+    assert "not delivered" in log and "trying again" in log

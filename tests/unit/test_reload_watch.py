@@ -1,4 +1,5 @@
-"""The watcher and SIGHUP share one PolicyHolder: a change is loaded once, not by both."""
+"""The watcher and SIGHUP share one PolicyHolder: a change is loaded once, not by both;
+and a watcher that is stuck or gone shows in the config health service."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from grpc_health.v1 import health_pb2
+
+from extproc.config.model import ServerKind
 from extproc.runtime.reload import PolicyHolder, watch
+from extproc.runtime.serve import CONFIG_HEALTH, _Run
+from extproc.runtime.status import STUCK_SECONDS
 from extproc.server.metrics import Metrics
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CONFIG = """\
 listener: {address: 127.0.0.1, port: 4000}
 routes:
@@ -72,3 +81,32 @@ def test_a_broken_change_a_sighup_tried_is_not_tried_again(tmp_path: Path) -> No
         assert not holder.load()  # reported once, by the SIGHUP's attempt
 
     assert loaded_by_the_watcher(holder, break_then_sighup) == []
+
+
+def config_health(run: _Run) -> int:
+    reply, _code, _details = run.health.check(
+        health_pb2.HealthCheckRequest(service=CONFIG_HEALTH).SerializeToString()
+    )
+    assert reply is not None
+    return int(health_pb2.HealthCheckResponse.FromString(reply).status)
+
+
+def test_a_stuck_or_dead_watcher_turns_the_config_health_service_not_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # the status record goes here
+    holder, _path = holder_for(tmp_path)
+    run = _Run(holder, None, ServerKind.LEAN)
+    run.watcher.start()  # a live watcher, polling every second
+    try:
+        run.config_healthy()
+        assert config_health(run) == SERVING
+        holder.watched_at -= STUCK_SECONDS + 1  # its last round began too long ago
+        run.config_healthy()
+        assert config_health(run) == NOT_SERVING
+    finally:
+        run.stop.set()
+        run.watcher.join(5)
+    holder.watched_at = time.monotonic()
+    run.config_healthy()  # fresh heartbeat, but the thread is gone
+    assert config_health(run) == NOT_SERVING
