@@ -70,7 +70,7 @@ class RouteAnswers:
         if outcome in (Outcome.INJECTED, Outcome.REPLACED):
             assert credential is not None and self._value is not None
             return responses.mutate(credential.header, self._value.reveal(), remove)
-        if outcome in (Outcome.REJECTED, Outcome.REFUSED, Outcome.DENIED):
+        if outcome in (Outcome.REJECTED, Outcome.REFUSED, Outcome.DENIED, Outcome.EXPIRED):
             message = _rejection_message(self._route, outcome)
             return responses.reject(outcome, self._route.error_style, message)
         return responses.mutate(None, b"", remove) if remove else responses.pass_through()
@@ -214,6 +214,8 @@ def _rejection_message(route: Route, outcome: Outcome) -> str:
             "Missing or invalid gateway key: send yours as x-api-key, as "
             f"'Authorization: Bearer <key>' or in the {route.access.header} header."
         )
+    if outcome is Outcome.EXPIRED:
+        return "Your gateway key has expired: ask whoever gave it to you for a new one."
     if outcome is Outcome.REFUSED:
         return (
             f"Route '{route.name}' uses the organisation's key: send no credential of your own "

@@ -5,7 +5,8 @@ a table. The rule:
 
 1. A value that starts with the gateway-key prefix (``gk-``, also as
    ``Authorization: Bearer gk-…``) in any credential slot is a gateway key and
-   never goes upstream: a valid one names the client and is removed; any
+   never goes upstream: a valid one names the client (and carries its teams and
+   expiry, which the processor checks) and is removed; any
    other is DENIED (401), so a mistyped key is never sent to a provider. The
    access header (which Envoy strips on every route) is checked when a key is
    needed or one is presented in a slot too; all presented must be one key.
@@ -22,13 +23,14 @@ a table. The rule:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
 from extproc.config.model import KEY_PREFIX, STANDARD_SLOTS, CredentialMode
-from extproc.policy.access import GatewayKeys
+from extproc.policy.access import GatewayKeys, Identity
 
 
 class Outcome(Enum):
@@ -42,6 +44,7 @@ class Outcome(Enum):
     REJECTED = "rejected"  # a credential was needed and none could be used: 401
     REFUSED = "refused"  # the route takes only the server's credential, the client sent one: 401
     DENIED = "denied"  # gateway key missing or invalid: 401
+    EXPIRED = "expired"  # a valid gateway key past its expiry (checked by the processor): 401
     LIMITED = "limited"  # the client is over a limit on the organisation's key: 429
     UNKNOWN_ROUTE = "unknown_route"  # Envoy named a route the processor does not know: 503
 
@@ -57,6 +60,7 @@ class Outcome(Enum):
 # carries no credential: it counts as blank.
 _BARE_SCHEMES = frozenset({b"bearer", b"basic"})
 _KEY_PREFIX = KEY_PREFIX.encode()
+_NOBODY: tuple[str, float, tuple[str, ...]] = ("", math.inf, ())  # no key: Decision's defaults
 
 
 def token_of(name: str, value: bytes) -> bytes:
@@ -105,6 +109,8 @@ class Decision(NamedTuple):  # a tuple: cheap to build once per request
     outcome: Outcome
     remove: tuple[str, ...] = ()  # headers to drop: gateway keys, blank or replaced credentials
     client: str = ""  # the gateway key's client name, when one was presented and valid
+    expires: float = math.inf  # that key's expiry (seconds since the epoch)
+    teams: tuple[str, ...] = ()  # that client's teams
 
 
 class _Seen(NamedTuple):
@@ -159,25 +165,25 @@ def decide(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> Decision:
     same key.
     """
     seen = _scan(rule, headers)
-    client = ""
+    who = _NOBODY
     # A gateway key in a credential slot is always checked: it must not pass on as a
     # credential. One in the access header only when needed (Envoy strips that header).
     if seen.keyed or _needs_key(rule, seen.paying is not None):
         found = _identify(rule.keys, seen.presented)
         if found is None:
             return Decision(Outcome.DENIED)
-        client = found
+        who = (found.name, found.expires, found.teams)
     if seen.paying is not None and rule.mode.client_passes:
-        return Decision(seen.paying, _sorted(seen.keyed, rule.header, inject=False), client)
+        return Decision(seen.paying, _sorted(seen.keyed, rule.header, inject=False), *who)
     if seen.paying is not None and rule.mode is CredentialMode.REJECT_CLIENT:
-        return Decision(Outcome.REFUSED, client=client)
+        return Decision(Outcome.REFUSED, (), *who)
     if rule.forward_only:
-        return Decision(Outcome.FORWARDED, _sorted(seen.keyed, rule.header, inject=False), client)
+        return Decision(Outcome.FORWARDED, _sorted(seen.keyed, rule.header, inject=False), *who)
     if not rule.has_secret:
-        return Decision(Outcome.REJECTED, client=client)
+        return Decision(Outcome.REJECTED, (), *who)
     outcome = Outcome.INJECTED if seen.paying is None else Outcome.REPLACED
     dropped = seen.keyed + seen.blank + seen.filled
-    return Decision(outcome, _sorted(dropped, rule.header, inject=True), client)
+    return Decision(outcome, _sorted(dropped, rule.header, inject=True), *who)
 
 
 def _needs_key(rule: RouteRule, paying: bool) -> bool:
@@ -188,7 +194,7 @@ def _needs_key(rule: RouteRule, paying: bool) -> bool:
     return spends_ours or rule.keys.for_client_credentials
 
 
-def _identify(keys: GatewayKeys | None, presented: set[bytes]) -> str | None:
+def _identify(keys: GatewayKeys | None, presented: set[bytes]) -> Identity | None:
     if keys is None or len(presented) != 1:
         return None
     return keys.identify(next(iter(presented)))

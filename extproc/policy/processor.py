@@ -68,8 +68,7 @@ def process(
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
     outcome, client = decision.outcome, decision.client
     if client and decision.expires <= clock():
-        expired = route.answer(Outcome.EXPIRED, (), client)
-        return Answer(expired, route.name, Outcome.EXPIRED, client)
+        outcome = Outcome.EXPIRED  # a 401 for this client: no limit or budget applies
     if admission is not None and client and outcome in _SPENDS and policy.limits is not None:
         limit = policy.limits.for_client(client)
         if limit.any:

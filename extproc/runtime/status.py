@@ -25,7 +25,7 @@ def client_count(holder: PolicyHolder) -> int:
     """Gateway clients (names, not keys) across every keys file of the served policy."""
     names: set[str] = set()
     for table in holder.policy.keys.values():
-        names.update(table.by_digest.values())
+        names.update(identity.name for identity in table.by_digest.values())
     return len(names)
 
 

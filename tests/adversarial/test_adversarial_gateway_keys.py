@@ -524,7 +524,7 @@ def test_keygen_append_to_a_file_without_a_final_newline_adds_a_usable_line(
     write_keys(keys_file, {"alice": ALICE})
     keys_file.write_text(keys_file.read_text().rstrip("\n"))  # as `printf` or a ConfigMap leaves it
     carol = keygen("carol", keys_file)
-    assert sorted(read_keys(keys_file).by_digest.values()) == ["alice", "carol"]
+    assert sorted(i.name for i in read_keys(keys_file).by_digest.values()) == ["alice", "carol"]
     assert carol not in keys_file.read_text()
 
 

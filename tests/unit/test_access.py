@@ -10,7 +10,14 @@ import pytest
 
 from extproc.config.load import load_config, warnings
 from extproc.config.sections import ConfigError
-from extproc.policy.access import GatewayKeys, KeysFileError, key_line, new_key, read_keys
+from extproc.policy.access import (
+    GatewayKeys,
+    Identity,
+    KeysFileError,
+    key_line,
+    new_key,
+    read_keys,
+)
 from extproc.policy.compiled import compile_policy
 
 ROUTE = """\
@@ -22,6 +29,10 @@ routes:
 """
 
 
+A, B = "a" * 64, "b" * 64
+NEW_YEAR = 1798761600.0  # 2027-01-01T00:00:00Z
+
+
 def test_a_generated_key_matches_only_its_own_line(tmp_path: Path) -> None:
     key, other = new_key(), new_key()
     keys_file = tmp_path / "keys"
@@ -29,23 +40,82 @@ def test_a_generated_key_matches_only_its_own_line(tmp_path: Path) -> None:
         f"# team keys\n{key_line('alice', key)}\n\n{key_line('bob', other)}  # laptop\n"
     )
     keys = GatewayKeys("x-gateway-key", read_keys(keys_file), False)
-    assert keys.identify(key.encode()) == "alice"
-    assert keys.identify(other.encode()) == "bob"
+    assert keys.identify(key.encode()) == Identity("alice")
+    assert keys.identify(other.encode()) == Identity("bob")
     assert keys.identify(b"gk-guess") is None and keys.identify(None) is None
     assert key not in keys_file.read_text()
 
 
 @pytest.mark.parametrize(
+    ("case", "line", "identity"),
+    [
+        ("today's line, no attributes: never expires, no teams",
+         f"alice sha256:{A}", Identity("alice")),
+        ("every attribute; teams sorted, each once",
+         f"alice sha256:{A} created=2026-12-07 expires=2027-01-01T00:00:00Z teams=platform,ml,ml",
+         Identity("alice", ("ml", "platform"), NEW_YEAR)),
+        ("an expiry that is a date means 00:00 UTC",
+         f"alice sha256:{A} expires=2027-01-01", Identity("alice", (), NEW_YEAR)),
+        ("an expiry in another zone",
+         f"alice sha256:{A} expires=2027-01-01T02:00:00+02:00", Identity("alice", (), NEW_YEAR)),
+        ("attributes in any order, a comment after them",
+         f"alice sha256:{A} teams=ml created=2026-12-07T10:00:00Z  # laptop",
+         Identity("alice", ("ml",))),
+    ],
+)  # fmt: skip
+def test_a_good_line_yields_its_identity(
+    tmp_path: Path, case: str, line: str, identity: Identity
+) -> None:
+    (tmp_path / "keys").write_text(line + "\n")
+    assert dict(read_keys(tmp_path / "keys").by_digest) == {bytes.fromhex(A): identity}
+
+
+def test_a_client_may_hold_several_keys_with_their_own_expiries(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text(
+        f"alice sha256:{A} expires=2027-01-01 teams=ml\nalice sha256:{B} teams=ml\n"
+    )
+    table = read_keys(tmp_path / "keys")
+    assert dict(table.by_digest) == {
+        bytes.fromhex(A): Identity("alice", ("ml",), NEW_YEAR),
+        bytes.fromhex(B): Identity("alice", ("ml",)),
+    }
+
+
+SHAPE = "expected '<name> sha256:<64 hex digits> [created=…] [expires=…] [teams=…]'"
+UNKNOWN = "unknown attribute: use created=, expires= or teams="
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("alice sha256:1234\n", "keys:1: expected '<name> sha256:<64 hex digits>'"),
-        (
-            f"alice sha256:{'a' * 64}\nalice sha256:{'b' * 64}\n",
-            "keys:2: client name 'alice' is listed twice",
-        ),
-        ("gk-plaintext-key-pasted-here\n", "keys:1: expected '<name> sha256:<64 hex digits>'"),
+        ("alice sha256:1234\n", f"keys:1: {SHAPE}"),
+        ("gk-plaintext-key-pasted-here\n", f"keys:1: {SHAPE}"),
+        (f"alice gk-plaintext-key-pasted-here sha256:{A}\n", f"keys:1: {SHAPE}"),
+        (f"alice sha256:{A} gk-plaintext-key-pasted-here\n", f"keys:1: {UNKNOWN}"),
+        (f"alice sha256:{A} colour=red\n", f"keys:1: {UNKNOWN}"),
+        (f"alice sha256:{A} teams\n", f"keys:1: {UNKNOWN}"),
+        (f"alice sha256:{A} teams=a teams=b\n", "keys:1: teams is given twice"),
+        (f"alice sha256:{A} expires=soon\n", "keys:1: expires: Invalid isoformat string: 'soon'"),
+        (f"alice sha256:{A} expires=2027-01-01T00:00:00\n",
+         "keys:1: expires: needs a time zone, e.g. 2027-01-01T00:00:00Z"),
+        (f"alice sha256:{A} expires=2027-02-30\n", "keys:1: expires: day is out of range for month"),
+        (f"alice sha256:{A} created=yesterday\n",
+         "keys:1: created: Invalid isoformat string: 'yesterday'"),
+        (f"alice sha256:{A} teams=ml,\n", "keys:1: teams: use comma-separated names of letters, "
+         "digits, '.', '_', '@' and '-'"),
+        (f"alice sha256:{A} teams=a/b\n", "keys:1: teams: use comma-separated names of letters, "
+         "digits, '.', '_', '@' and '-'"),
+        (f"alice sha256:{A}\nalice sha256:{A} expires=2027-01-01\n",
+         "keys:2: the same key is listed for 'alice'"),
+        (f"alice sha256:{A}\nbob sha256:{A}\n", "keys:2: the same key is listed for 'alice'"),
+        (f"alice sha256:{A} teams=ml\n# old\nalice sha256:{B} teams=ml,platform\n",
+         "keys:3: client 'alice' has teams ml,platform here but ml on line 1: "
+         "every key of a client names its teams"),
+        (f"alice sha256:{A} teams=ml\nalice sha256:{B}\n",
+         "keys:2: client 'alice' has teams (none) here but ml on line 1: "
+         "every key of a client names its teams"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_keys_file_names_the_line_never_the_content(
     tmp_path: Path, text: str, message: str
 ) -> None:
@@ -64,9 +134,9 @@ def test_keygen_prints_the_key_once_and_appends_only_the_hash(tmp_path: Path) ->
     )  # fmt: skip
     key = next(word for word in result.stdout.split() if word.startswith("gk-"))
     assert key not in keys_file.read_text()
-    assert (
-        GatewayKeys("x-gateway-key", read_keys(keys_file), False).identify(key.encode()) == "carol"
-    )
+    assert GatewayKeys("x-gateway-key", read_keys(keys_file), False).identify(
+        key.encode()
+    ) == Identity("carol")
 
 
 def test_top_level_access_applies_to_every_credential_route_unless_turned_off(

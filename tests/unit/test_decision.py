@@ -9,7 +9,7 @@ from types import MappingProxyType
 import pytest
 
 from extproc.config.model import CredentialMode
-from extproc.policy.access import GatewayKeys, KeyTable
+from extproc.policy.access import GatewayKeys, Identity, KeyTable
 from extproc.policy.decision import Decision, Outcome, RouteRule, decide
 from extproc.render.routes import NON_BLANK, NON_BLANK_AUTHORIZATION
 
@@ -83,7 +83,7 @@ def keyed(for_client_credentials: bool = False) -> RouteRule:
 
 def alice(for_client_credentials: bool = False) -> GatewayKeys:
     """Gateway keys where "alice-key" and "gk-alice" belong to alice."""
-    digests = {hashlib.sha256(k).digest(): "alice" for k in (b"alice-key", b"gk-alice")}
+    digests = {hashlib.sha256(k).digest(): Identity("alice") for k in (b"alice-key", b"gk-alice")}
     return GatewayKeys("x-gateway-key", KeyTable(MappingProxyType(digests)), for_client_credentials)
 
 

@@ -12,7 +12,7 @@ from harness.messages import headers_request
 from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE
 from extproc.policy import responses
-from extproc.policy.access import key_line
+from extproc.policy.access import Identity, key_line
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import process
@@ -77,7 +77,7 @@ def test_a_keys_file_change_does_not_rebuild_route_answers(tmp_path: Path) -> No
         assert route.answers is before.routes[name].answers
     assert after.version != before.version
     [table] = after.keys.values()
-    assert table.identify(b"gk-key-5") == "client5"
+    assert table.identify(b"gk-key-5") == Identity("client5")
 
 
 def test_an_unchanged_keys_file_is_not_parsed_again(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from extproc.config.sections import ConfigError
 from extproc.policy import responses
 from extproc.policy.access import (
     GatewayKeys,
+    Identity,
     KeysFileError,
     KeyTable,
     key_line,
@@ -55,7 +56,7 @@ REJECT, CLIENT_ONLY = CredentialMode.REJECT_CLIENT, CredentialMode.CLIENT_ONLY
 CREDENTIALS = frozenset({"authorization", "x-api-key"})
 ALICE_KEYS = GatewayKeys(
     "x-gateway-key",
-    KeyTable(MappingProxyType({hashlib.sha256(b"gk-alice").digest(): "alice"})),
+    KeyTable(MappingProxyType({hashlib.sha256(b"gk-alice").digest(): Identity("alice")})),
     for_client_credentials=False,
 )
 OAUTH = ("authorization", b"Bearer sk-ant-oat01-x")
@@ -157,7 +158,7 @@ def test_a_keys_file_that_is_not_utf8_is_named_with_the_reason(tmp_path) -> None
 def test_a_comment_starts_at_the_first_hash_of_a_line(tmp_path) -> None:
     (tmp_path / "keys").write_text(f"{ALICE}  # laptop # old one\n# {key_line('bob', 'gk-b')}\n")
     table = read_keys(tmp_path / "keys")
-    assert dict(table.by_digest) == {hashlib.sha256(b"gk-alice").digest(): "alice"}
+    assert dict(table.by_digest) == {hashlib.sha256(b"gk-alice").digest(): Identity("alice")}
 
 
 def test_one_key_listed_for_two_names_names_the_first_owner(tmp_path) -> None:

@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.config.load import load_config
-from extproc.policy.access import GatewayKeys, KeyTable, key_line
+from extproc.policy.access import GatewayKeys, Identity, KeyTable, key_line
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Decision, Outcome, RouteRule, decide, token_of
 from extproc.policy.processor import process
@@ -35,7 +35,9 @@ from extproc.policy.processor import process
 KEY_HEADER = "x-gateway-key"
 GATEWAY_KEYS = {"alice": b"gk-alice-property-key", "bob": b"gk-bob-property-key"}
 ENTRIES = KeyTable(
-    MappingProxyType({hashlib.sha256(key).digest(): name for name, key in GATEWAY_KEYS.items()})
+    MappingProxyType(
+        {hashlib.sha256(key).digest(): Identity(name) for name, key in GATEWAY_KEYS.items()}
+    )
 )
 PLACEHOLDERS = frozenset({b"dummy", b"EMPTY"})
 SERVER_KEY = b"sk-server-property-secret"
@@ -151,9 +153,8 @@ def expected(rule: RouteRule, headers: Sequence[tuple[str, bytes]]) -> Expected:
     if in_slots or (needs_key and not rule.forward_only):
         distinct = set(presented)
         if rule.keys is not None and len(distinct) == 1:
-            client = rule.keys.table.by_digest.get(
-                hashlib.sha256(distinct.pop().strip()).digest(), ""
-            )
+            found = rule.keys.table.by_digest.get(hashlib.sha256(distinct.pop().strip()).digest())
+            client = found.name if found else ""
         granted = bool(client)
     inject = granted and not client_credential and rule.has_secret and not rule.forward_only
     return Expected(client_credential, granted, inject, client)
