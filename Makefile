@@ -31,6 +31,12 @@ clients: $(NODE_STAMP) ## install the pinned Claude Code CLI into node_modules/ 
 redis: ## install Debian's redis-server (apt-get) if it is missing
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
+# Debian's postgresql and prometheus: the spend tests start a PostgreSQL server (initdb + pg_ctl)
+# and check the alert rules with promtool.
+spend-deps: ## install Debian's postgresql and prometheus (apt-get) if they are missing
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v promtool >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq postgresql prometheus)
+
 run: $(STAMP) ## run the gateway (ext_proc + Envoy) with CONFIG (default: the example)
 	$(BIN)/python -m extproc up $(CONFIG)
 
@@ -40,7 +46,7 @@ validate: $(STAMP) ## check CONFIG and its secrets
 render: $(STAMP) ## print the Envoy bootstrap for CONFIG
 	$(BIN)/python -m extproc render $(CONFIG)
 
-test: $(STAMP) $(NODE_STAMP) redis ## run the whole test suite (real Envoy, gRPC, TLS, Redis; free ports)
+test: $(STAMP) $(NODE_STAMP) redis spend-deps ## run the whole test suite (real Envoy, gRPC, TLS, Redis; free ports)
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: $(STAMP) ## ruff and mypy
@@ -60,7 +66,7 @@ bench-scale: $(STAMP) ## how costs grow with gateway clients (10 … 100,000) an
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/unit/test_golden.py -q
 
-.PHONY: help install clients redis run validate render test lint bench bench-scale golden
+.PHONY: help install clients redis spend-deps run validate render test lint bench bench-scale golden
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \

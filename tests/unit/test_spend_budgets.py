@@ -71,7 +71,9 @@ def test_team_and_organisation_budgets_refuse_everyone_in_them() -> None:
     b.settle("dave", (), clock.now, usd("3"))
     refusal = b.admit("dave")
     assert refusal is not None and "monthly budget of the organisation" in refusal.message
-    assert "$5.00 spent of $5.00" in refusal.message and "2027-01-01T00:00:00+01:00" in refusal.message
+    assert (
+        "$5.00 spent of $5.00" in refusal.message and "2027-01-01T00:00:00+01:00" in refusal.message
+    )
 
 
 def test_teams_learnt_from_records_count_when_the_request_names_none() -> None:

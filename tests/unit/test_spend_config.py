@@ -22,7 +22,9 @@ routes:
 metering: true
 """
 
-FULL = BASE + """\
+FULL = (
+    BASE
+    + """\
 spend:
   timezone: Europe/Berlin
   state_dir: var
@@ -38,6 +40,7 @@ spend:
     teams:
       platform: {week: 200}
 """
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -77,7 +80,9 @@ def test_defaults_without_the_section(tmp_path: Path) -> None:
 
 
 def test_every_mistake_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
-    text = BASE + """\
+    text = (
+        BASE
+        + """\
 spend:
   timezone: Mars/Olympus
   store: mysql://db
@@ -90,6 +95,7 @@ spend:
     clients:
       alice: {dai: 5}
 """
+    )
     assert problems(tmp_path, text) == [
         "gateway.yaml:9 spend.timezone: expected an IANA time zone name like UTC or Europe/Berlin",
         "gateway.yaml:10 spend.store: expected sqlite or postgresql://[user@]host[:port]/database",

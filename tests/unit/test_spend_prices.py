@@ -54,8 +54,20 @@ def test_cost_matches_the_price_table_by_hand(
 def test_an_override_prices_a_private_model_and_wins_over_the_table() -> None:
     price = Price(Decimal(2), Decimal(4), Decimal("0.2"), Decimal("2.5"), Decimal(4))
     book = PriceBook((("claude-opus-4-1", price), ("ours", price)))
-    tokens = {"input": 1000, "output": 1000, "cache_read": 1000, "cache_creation_5m": 1000, "cache_creation_1h": 1000}
-    assert book.cost(rec("ours", **tokens)) == nano(Decimal("0.002") + Decimal("0.004") + Decimal("0.0002") + Decimal("0.0025") + Decimal("0.004"))
+    tokens = {
+        "input": 1000,
+        "output": 1000,
+        "cache_read": 1000,
+        "cache_creation_5m": 1000,
+        "cache_creation_1h": 1000,
+    }
+    assert book.cost(rec("ours", **tokens)) == nano(
+        Decimal("0.002")
+        + Decimal("0.004")
+        + Decimal("0.0002")
+        + Decimal("0.0025")
+        + Decimal("0.004")
+    )
     assert book.cost(rec("claude-opus-4-1", input=10**6, output=0)) == 2 * 10**9
     assert "overrides" in book.version and "genai-prices" in book.version
 
