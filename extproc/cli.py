@@ -1,4 +1,4 @@
-"""Command line: validate, render, serve, up, health, status, keygen."""
+"""Command line: validate, render, serve, up, health, status, keygen, keys."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from extproc import keys_cli
 from extproc.config.load import load_config, warnings
 from extproc.config.sections import ConfigError
-from extproc.policy.access import key_line, new_key
 from extproc.policy.compiled import compile_policy
 from extproc.render import render_yaml
 from extproc.runtime.xds import DeliveryError, XdsWriter
@@ -93,26 +93,6 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    """Print a new gateway key once, and the line that lets it in."""
-    key = new_key()
-    try:
-        line = key_line(args.name, key)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if args.append:
-        # A file that does not end in a newline would get the line glued to its last one.
-        existing = args.append.read_bytes() if args.append.exists() else b""
-        prefix = "\n" if existing and not existing.endswith(b"\n") else ""
-        with args.append.open("a", encoding="utf-8") as keys_file:
-            keys_file.write(prefix + line + "\n")
-    print(f"gateway key for {args.name} (give it to them; it is not stored anywhere):\n  {key}")
-    where = f"appended to {args.append}" if args.append else "add it to the keys file"
-    print(f"keys file line ({where}):\n  {line}")
-    return 0
-
-
 def _xds_dir_option(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--xds-dir",
@@ -148,12 +128,7 @@ def parser() -> argparse.ArgumentParser:
     health = add("health", _health, "exit 0 iff the ext_proc service is SERVING")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
     add("status", _status, "show what is served: config versions, store, route and client counts")
-    keygen = commands.add_parser("keygen", help="make a gateway client key and its keys-file line")
-    keygen.add_argument("name", help="who the key is for (shown in metrics and the access log)")
-    keygen.add_argument(
-        "--append", type=Path, metavar="KEYS_FILE", help="append the line to KEYS_FILE"
-    )
-    keygen.set_defaults(handler=_keygen)
+    keys_cli.register(commands)  # keygen, keys add | rotate | revoke | list
     return root
 
 
