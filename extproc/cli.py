@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from extproc import keys_cli
+from extproc import keys_cli, spend_cli
 from extproc.config.load import load_config, warnings
 from extproc.config.sections import ConfigError
 from extproc.policy.compiled import compile_policy
@@ -129,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
     add("status", _status, "show what is served: config versions, store, route and client counts")
     keys_cli.register(commands)  # keygen, keys add | rotate | revoke | list
+    spend_cli.register(commands)  # spend totals and a client's budgets, from the ledger
     return root
 
 

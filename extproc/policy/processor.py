@@ -76,8 +76,9 @@ def process(
             if refusal is not None:
                 return Answer(route.limited(refusal, client), route.name, Outcome.LIMITED, client)
     if budgets is not None and outcome in _SPENDS:
-        refusal = budgets.admit(client)
+        refusal = budgets.admit(client, decision.teams)
         if refusal is not None:
-            return Answer(route.limited(refusal, client), route.name, Outcome.LIMITED, client)
+            limited = route.limited(refusal, client)
+            return Answer(limited, route.name, Outcome.LIMITED, client, teams=decision.teams)
     payload = route.answer(outcome, decision.remove, client)
     return Answer(payload, route.name, outcome, client, teams=decision.teams)

@@ -163,10 +163,13 @@ class Budgets:
                     account.spent[PERIODS.index(period)] = amount
                     self._check_soft(account, PERIODS.index(period))
 
-    def state(self, client: str) -> list[tuple[Account, int, Period, int]]:
+    def state(
+        self, client: str, teams: tuple[str, ...] | None = None
+    ) -> list[tuple[Account, int, Period, int]]:
         """For one client: (budget, period index, period, cap) of every budget it counts for."""
         with self._lock:
-            accounts = self._accounts(client, self._client_teams.get(client, ()), every=True)
+            known = self._client_teams.get(client, ()) if teams is None else teams
+            accounts = self._accounts(client, known, every=True)
             return [
                 (a, i, PERIODS[i], cap)
                 for a in accounts

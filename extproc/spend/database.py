@@ -91,6 +91,8 @@ class Database(Protocol):
 
     def rebuild(self, starts: Mapping[Period, float]) -> Totals: ...
 
+    def sums(self, starts: Mapping[Period, float]) -> Totals: ...
+
     def counters(self, starts: Mapping[Period, float]) -> Totals: ...
 
     def prune(self, before: float) -> int: ...
@@ -154,22 +156,11 @@ class _Common:
 
     def rebuild(self, starts: Mapping[Period, float]) -> Totals:
         """Recompute the current periods' counters from the ledger (at start)."""
-        totals: Totals = {}
         try:
             with self._transaction() as cur:
                 self._lock_counters(cur)
+                totals = self._sums(cur, starts)
                 for period, start in starts.items():
-                    cur.execute(
-                        self._sql(
-                            "SELECT client, teams, SUM(cost_nano) FROM ledger WHERE paid_by = "
-                            "'injected' AND cost_nano > 0 AND time >= ? GROUP BY client, teams"
-                        ),
-                        (start,),
-                    )
-                    for client, teams, amount in cur.fetchall():
-                        for key in budget_keys(client, teams):
-                            k = (*key, period)
-                            totals[k] = totals.get(k, 0) + int(amount)
                     cur.execute(
                         self._sql("DELETE FROM spend_counters WHERE period = ? AND start = ?"),
                         (period.value, start),
@@ -180,6 +171,30 @@ class _Common:
                 )
         except (sqlite3.Error, psycopg.Error) as exc:
             raise DatabaseError(f"{self.where}: {_first_line(exc)}") from None
+        return totals
+
+    def sums(self, starts: Mapping[Period, float]) -> Totals:
+        """Charged spend per budget since each start, from the ledger (read only)."""
+        try:
+            with self._transaction() as cur:
+                return self._sums(cur, starts)
+        except (sqlite3.Error, psycopg.Error) as exc:
+            raise DatabaseError(f"{self.where}: {_first_line(exc)}") from None
+
+    def _sums(self, cur: Any, starts: Mapping[Period, float]) -> Totals:
+        totals: Totals = {}
+        for period, start in starts.items():
+            cur.execute(
+                self._sql(
+                    "SELECT client, teams, SUM(cost_nano) FROM ledger WHERE paid_by = "
+                    "'injected' AND cost_nano > 0 AND time >= ? GROUP BY client, teams"
+                ),
+                (start,),
+            )
+            for client, teams, amount in cur.fetchall():
+                for key in budget_keys(client, teams):
+                    k = (*key, period)
+                    totals[k] = totals.get(k, 0) + int(amount)
         return totals
 
     def counters(self, starts: Mapping[Period, float]) -> Totals:

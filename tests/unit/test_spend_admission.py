@@ -101,3 +101,21 @@ def test_under_budget_the_key_is_injected_and_a_reservation_held(
     assert process(policy, request, None, budgets).outcome is Outcome.INJECTED
     (held,) = [a for a, *_ in budgets.state("alice") if a.scope == "client"]
     assert held.reserved == nano(Decimal("0.50"))
+
+
+def test_a_team_budget_counts_the_teams_the_keys_file_gives_at_request_start(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "keys.txt").write_text(key_line("carol", "gk-carol") + " teams=ml,web\n")
+    text = CONFIG.replace("clients: {alice: {day: 1}}", "teams: {web: {day: 1}}")
+    (tmp_path / "gateway.yaml").write_text(text)
+    config = load_config(tmp_path / "gateway.yaml")
+    assert config.spend is not None
+    policy = compile_policy(config, {"SERVER": "sk-server"})
+    budgets = Budgets(config.spend, lambda: NOW)
+    budgets.settle("dave", ("web",), NOW, nano(Decimal(1)))  # another member used it up
+    route = next(r.envoy_name for r in config.routes if r.name == "anthropic")
+    answer = process(policy, headers_request(route, [("x-api-key", b"gk-carol")]), None, budgets)
+    assert answer.outcome is Outcome.LIMITED and answer.teams == ("ml", "web")
+    body = json.loads(answer_of(answer.payload).immediate_response.body)
+    assert "daily budget of team 'web'" in body["error"]["message"]
