@@ -27,8 +27,10 @@ Any local process may connect, so what one peer can make it do is bounded:
   message until they are sent), the write buffer (reading pauses while the
   peer does not read), and over all connections ``memory_budget`` bytes of
   unfinished messages (past it, the connection holding most is sent away).
-- connections: at most ``max_connections``; one without an open stream for
-  ``idle_timeout_s`` is closed with GOAWAY.
+- connections: at most ``max_connections``; one that has not sent its preface
+  and SETTINGS within ``preface_timeout_s``, or has had no open stream for
+  ``idle_timeout_s`` (measured from its last stream's end, one timer per
+  connection), is closed with GOAWAY.
 
 Every exception, from a malformed frame or from a handler, becomes an error on
 the wire in one place (``_fail``): GOAWAY for the connection, RST_STREAM for a
@@ -44,7 +46,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 from extproc.server import h2wire as w
 
@@ -53,9 +55,25 @@ log = logging.getLogger("extproc")
 # (answer message or None, grpc status to end the call with or None to keep it open, error text)
 Reply = tuple[bytes | None, int | None, str]
 Method = Callable[[bytes], Reply]
-# A method with state per call: called when the call opens, it gives the call's handler and
-# what to run once the call is over however it ends (finished, reset, connection lost).
-Opener = Callable[[], tuple[Method, Callable[[], None]]]
+
+
+class Call(NamedTuple):
+    """What an opener gives for one call: its handler and hooks.
+
+    ``on_message`` answers each message (a bidi or server-streaming call).
+    ``on_end`` runs once the call is over however it ends (finished, reset,
+    connection lost). ``on_client_end`` makes it a client-streaming call: once the
+    client has ended its side, its reply (one answer, and a status, None for OK)
+    ends the call; without it the call ends OK with nothing more.
+    """
+
+    on_message: Method
+    on_end: Callable[[], None] | None = None
+    on_client_end: Callable[[], Reply] | None = None
+
+
+# A method with state per call: called when the call opens, it gives the call's handlers.
+Opener = Callable[[], Call]
 
 UNIMPLEMENTED, RESOURCE_EXHAUSTED, INTERNAL = 12, 8, 13
 STREAM_WINDOW = 1 << 20  # bytes a stream may send that we have not handed to its handler yet
@@ -67,6 +85,7 @@ MAX_STREAMS = 1000
 # Limits over a whole server (``Limits``' defaults):
 MAX_CONNECTIONS = 128  # Envoy opens one or two per worker thread
 IDLE_TIMEOUT_S = 300.0  # a connection with no open stream this long is closed (GOAWAY NO_ERROR)
+PREFACE_TIMEOUT_S = 5.0  # a connection without its preface and SETTINGS by then is closed
 MEMORY_BUDGET = 64 << 20  # bytes of unfinished messages held over all connections
 WORK_PER_TURN = 512  # units of work on one connection per event-loop turn (about 1-3 ms)
 HANDLER_WORK = 2  # units a handler call counts for, besides its frames
@@ -80,6 +99,7 @@ class Limits:
 
     max_connections: int = MAX_CONNECTIONS
     idle_timeout_s: float = IDLE_TIMEOUT_S
+    preface_timeout_s: float = PREFACE_TIMEOUT_S
     memory_budget: int = MEMORY_BUDGET
     work_per_turn: int = WORK_PER_TURN
 
@@ -105,6 +125,7 @@ class Pool:
 class _Stream:
     method: Method | None
     on_end: Callable[[], None] | None = None  # an opener's, run once when the call is over
+    on_client_end: Callable[[], Reply] | None = None  # a client-streaming call's last answer
     send_credit: int = 0  # its send window is the peer's initial window + this
     recv_window: int = STREAM_WINDOW  # what the peer may still send on it
     data: bytearray = field(default_factory=bytearray)  # received, not yet handed on
@@ -152,8 +173,7 @@ class GrpcConnection(asyncio.Protocol):
         self._next_turn: asyncio.Handle | None = None
         self._write_blocked = False
         self._reading_paused = False
-        self._opened = False  # a stream was opened since the last idle check
-        self._idle_checks = 0
+        self._idle_since = 0.0  # loop time the last stream ended (or the connection was made)
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------
@@ -178,7 +198,9 @@ class GrpcConnection(asyncio.Protocol):
         self._transport.write(
             w.settings(ours) + w.window_update(0, CONNECTION_WINDOW - w.DEFAULT_WINDOW)
         )
-        self._idle_timer = self._loop.call_later(limits.idle_timeout_s / 2, self._check_idle)
+        self._idle_since = self._loop.time()
+        first_check = min(limits.preface_timeout_s, limits.idle_timeout_s)
+        self._idle_timer = self._loop.call_later(first_check, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget_all()
@@ -251,17 +273,31 @@ class GrpcConnection(asyncio.Protocol):
         self._idle_timer = self._next_turn = None
 
     def _check_idle(self) -> None:
-        """Every half idle timeout: three checks in a row without a stream close the connection."""
-        if self._streams or self._opened:
-            self._opened, self._idle_checks = False, 0
-        else:
-            self._idle_checks += 1
-        if self._idle_checks >= 3:  # no stream for at least the whole timeout
-            self._idle_timer = None
+        """Close a connection without its preface by the first check, or idle for the timeout.
+
+        Otherwise the timer is set again for when the timeout would end: ``idle_timeout_s``
+        after the last stream ended, or from now while streams are open (checked again then).
+        """
+        self._idle_timer = None
+        loop = self._loop
+        if loop is None or self._dead:
+            return
+        if not self._settings_seen:
             self.close(linger=True)
-        elif self._loop is not None and not self._dead:
-            delay = self._pool.limits.idle_timeout_s / 2
-            self._idle_timer = self._loop.call_later(delay, self._check_idle)
+            return
+        now, timeout = loop.time(), self._pool.limits.idle_timeout_s
+        due = now + timeout if self._streams else self._idle_since + timeout
+        if due <= now:
+            self.close(linger=True)
+        else:
+            self._idle_timer = loop.call_later(due - now, self._check_idle)
+
+    def _remove(self, stream_id: int) -> _Stream | None:
+        """Take the stream out; the connection's idle time starts when its last one goes."""
+        stream = self._streams.pop(stream_id, None)
+        if not self._streams and self._loop is not None:
+            self._idle_since = self._loop.time()
+        return stream
 
     # -- the work of one turn, and the one place errors are made ---------------------------
 
@@ -463,9 +499,9 @@ class GrpcConnection(asyncio.Protocol):
 
     def _open(self, stream_id: int, path: bytes) -> _Stream:
         opener = self._pool.openers.get(path)
+        # A Call's fields are _Stream's first three, in order.
         stream = _Stream(*opener()) if opener is not None else _Stream(self._methods.get(path))
         self._streams[stream_id] = stream
-        self._opened = True
         if stream.method is None:
             text = f"unknown method {path[:100].decode(errors='replace')}"
             self._finish(stream_id, stream, UNIMPLEMENTED, text)
@@ -518,8 +554,24 @@ class GrpcConnection(asyncio.Protocol):
         if stream.peer_ended and not stream.outbox and not stream.closed:
             if stream.data:  # the client ended the call inside a message
                 self._finish(stream_id, stream, INTERNAL, "the call ended inside a message")
+            elif stream.on_client_end is not None:  # client-streaming: its one answer now
+                self._answer_client_end(stream_id, stream, stream.on_client_end)
             else:  # the client ended the call: end ours too
                 self._finish(stream_id, stream, 0, "")
+
+    def _answer_client_end(
+        self, stream_id: int, stream: _Stream, on_client_end: Callable[[], Reply]
+    ) -> None:
+        stream.on_client_end = None
+        self._budget -= HANDLER_WORK
+        try:
+            answer, status, text = on_client_end()
+        except Exception as exc:  # a handler's bug fails its call, in _fail
+            self._fail(exc, stream_id)
+            return
+        if answer is not None:
+            self._send_message(stream_id, stream, answer)
+        self._finish(stream_id, stream, 0 if status is None else status, text)
 
     def _on_messages(self, stream_id: int, stream: _Stream) -> None:
         data = stream.data
@@ -696,7 +748,7 @@ class GrpcConnection(asyncio.Protocol):
 
     def _forget(self, stream_id: int) -> None:
         """The stream is over (reset by either side): drop all it holds."""
-        stream = self._streams.pop(stream_id, None)
+        stream = self._remove(stream_id)
         if stream is not None:
             _ended(stream)
             if stream.waiting:
@@ -741,7 +793,7 @@ class GrpcConnection(asyncio.Protocol):
                 self._out.append(chunk)
             outbox.popleft()
         if stream.closed:
-            self._streams.pop(stream_id, None)
+            self._remove(stream_id)
 
     def _resume(self, stream_id: int, stream: _Stream) -> None:
         """Send what the windows now allow; once all is sent, the stream reads on."""
