@@ -6,8 +6,13 @@ Check every few milliseconds on its own connection, timing each call itself),
 and attacks from this process over raw sockets to 127.0.0.1: bounded loops,
 ports picked by the kernel, so two runs can go at once. Every test asserts:
 
-- the probe was answered within LATENCY_BOUND_S on every call during and after
-  the attack (and made calls during it);
+- the probe was answered in time on every call during and after the attack (and
+  made calls during it): within LATENCY_FACTOR times the 90th percentile of its
+  own calls just before the attack, on the same machine under the same load, or
+  LATENCY_FLOOR_S if that is more. A starved probe waits for the flood (seconds:
+  without the work budget the worst call is 2.3-3.1 s on a quiet machine); a machine
+  that other tests load delays single calls by a scheduler's slices (up to 415 ms
+  seen at load 12 on 2 cores, baseline median 1.8 ms), hence the floor;
 - the server's peak RSS stayed under its start-up RSS + RSS_GROWTH_BOUND_MB;
 - the attacker got the error RFC 9113 (or gRPC) names for what it did.
 
@@ -22,6 +27,7 @@ import contextlib
 import json
 import logging
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,9 +58,11 @@ from extproc.server.h2server import (
 )
 from extproc.server.lean_backend import HEALTH_CHECK_PATH
 
-LATENCY_BOUND_S = 0.100  # each probe call, measured in the probe's process
-RSS_GROWTH_BOUND_MB = 48  # peak RSS over the RSS after start-up (and the memory budget, if set)
 ATTACK_S = 1.5  # how long each flood lasts at most
+LATENCY_FACTOR = 10  # each probe call, against the 90th percentile of the baseline calls
+LATENCY_FLOOR_S = ATTACK_S * 2 / 3  # ... or this, if more: "not starved", below a flood's length
+BASELINE_CALLS = 50  # probe calls timed before the attack, paced like the ones during it
+RSS_GROWTH_BOUND_MB = 48  # peak RSS over the RSS after start-up (and the memory budget, if set)
 OPEN_PATH = b"/test.Echo/Open"  # answers each message with itself and keeps the call open
 BOOM_PATH = b"/test.Echo/Boom"  # its handler raises
 
@@ -87,7 +95,12 @@ stub = health_pb2_grpc.HealthStub(channel)
 request = health_pb2.HealthCheckRequest(service="")
 stub.Check(request, timeout=10)  # connected and warm: not measured
 phase = {"name": "during"}
-results = {"during": [], "after": [], "errors": []}
+results = {"baseline": [], "during": [], "after": [], "errors": []}
+for _ in range(int(sys.argv[2])):  # the baseline: this machine, now, nobody attacking
+    start = time.perf_counter()
+    stub.Check(request, timeout=10)
+    results["baseline"].append(time.perf_counter() - start)
+    time.sleep(0.005)
 
 def commands():
     for line in sys.stdin:
@@ -203,13 +216,21 @@ def running_server(optimize: bool = False, **limits: Any) -> Iterator[Server]:
 
 @dataclass
 class ProbeResult:
+    baseline: list[float]
     during: list[float]
     after: list[float]
     errors: list[str]
 
+    def bound_s(self) -> float:
+        """The longest a call may take: relative to the baseline, or the floor."""
+        ranked = sorted(self.baseline)
+        p90 = ranked[int(len(ranked) * 0.9)] if ranked else 0.0
+        return max(LATENCY_FLOOR_S, LATENCY_FACTOR * p90)
+
     def summary(self) -> str:
         worst = max(self.during + self.after, default=0.0)
-        return f"{len(self.during)} calls during, {len(self.after)} after, worst {worst * 1000:.1f} ms, errors {self.errors[:5]}"  # fmt: skip
+        base = statistics.median(self.baseline) if self.baseline else 0.0
+        return f"{len(self.during)} calls during, {len(self.after)} after, worst {worst * 1000:.1f} ms (bound {self.bound_s() * 1000:.0f} ms; baseline median {base * 1000:.2f} ms, worst {max(self.baseline, default=0) * 1000:.1f} ms), errors {self.errors[:5]}"  # fmt: skip
 
 
 class Probe:
@@ -217,7 +238,7 @@ class Probe:
 
     def __init__(self, port: int) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", PROBE_SCRIPT, str(port)], cwd=ROOT, env=base_env(),
+            [sys.executable, "-c", PROBE_SCRIPT, str(port), str(BASELINE_CALLS)], cwd=ROOT, env=base_env(),
             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -251,7 +272,7 @@ def others_are_served(server: Server, attack: Callable[[], None], memory_budget_
     assert result.during, f"no probe call during the {attack_s:.2f}s attack"
     assert result.after, result.summary()
     worst = max(result.during + result.after)
-    assert worst < LATENCY_BOUND_S, result.summary()
+    assert worst < result.bound_s(), result.summary()
     bound_mb = server.start_rss_kb / 1024 + RSS_GROWTH_BOUND_MB + memory_budget_mb
     assert server.peak_rss_mb() < bound_mb, f"peak RSS {server.peak_rss_mb():.1f} MB ≥ {bound_mb:.1f} MB"  # fmt: skip
     print(f"probe: {result.summary()}; peak RSS {server.peak_rss_mb():.1f} MB (start {server.start_rss_kb / 1024:.1f} MB)")  # fmt: skip
@@ -266,6 +287,7 @@ class Seen:
     """What the attacker received, as the reader thread parsed it (bounded)."""
 
     goaway: int | None = None
+    goaway_at: float = 0.0  # time.monotonic() when the GOAWAY was read
     resets: dict[int, int] = field(default_factory=dict)
     statuses: dict[int, bytes] = field(default_factory=dict)  # grpc-status by stream
     messages: dict[int, bytes] = field(default_factory=dict)  # grpc-message by stream
@@ -372,6 +394,7 @@ class Attacker:
             seen.frames_after_goaway += 1
         if kind == w.GOAWAY:
             seen.goaway = int.from_bytes(payload[4:8], "big")
+            seen.goaway_at = time.monotonic()
         elif kind == w.RST_STREAM:
             seen.resets[stream] = int.from_bytes(payload, "big")
         elif kind == w.DATA:
@@ -596,26 +619,72 @@ def test_connections_beyond_the_cap_are_sent_away() -> None:
         assert refused > 10
 
 
-def test_idle_connections_are_closed() -> None:
-    """No open stream for the idle timeout: GOAWAY NO_ERROR and close (PINGs do not count)."""
-    with running_server(idle_timeout_s=1.0) as server:
+IDLE_S = 3.0  # 10 % of it (300 ms) is far more than a loaded machine delays a timer
+
+
+def test_idle_connections_are_closed_within_a_tenth_of_the_timeout() -> None:
+    """No open stream for the idle timeout: GOAWAY NO_ERROR between 1.0x and 1.1x of it, counted
+    from the connection's start or its last call's end (PINGs do not count)."""
+    idle_for: dict[str, tuple[float, float]] = {}  # peer: (seconds idle at its GOAWAY, least)
+    with running_server(idle_timeout_s=IDLE_S) as server:
 
         def attack() -> None:
-            with attacker(server.port) as silent, attacker(server.port) as pinging:
-                started = time.monotonic()
-                for _ in until(2.5):
-                    if pinging.seen.closed:
-                        break
+            opened = time.monotonic()
+            with attacker(server.port) as silent, attacker(server.port) as pinging, attacker(server.port) as called:  # fmt: skip
+                called.send(called.call(1, HEALTH_CHECK_PATH, health_request()))
+                called.wait(lambda s: 1 in s.statuses, "the call's end")
+                call_ended = time.monotonic()  # the server ended it a little earlier
+                while not pinging.seen.closed and time.monotonic() < opened + 2 * IDLE_S:
                     with contextlib.suppress(OSError):
                         pinging.send(frame(w.PING, 0, 0, b"12345678"))
                     time.sleep(0.05)
-                for peer in (silent, pinging):
-                    assert peer.goaway() == w.NO_ERROR
+                for name, peer, since, least in (("silent", silent, opened, 1.0),
+                                                 ("pinging", pinging, opened, 1.0),
+                                                 ("called", called, call_ended, 0.95)):  # fmt: skip
+                    assert peer.goaway() == w.NO_ERROR, name
                     peer.wait(lambda s: s.closed, "close")
-                took = time.monotonic() - started
-                assert 1.0 <= took < 2.5, took
+                    idle_for[name] = (peer.seen.goaway_at - since, least)
 
         others_are_served(server, attack)
+    print(f"idle timeout {IDLE_S}s: closed after {idle_for}")
+    for name, (took, least) in idle_for.items():
+        assert least * IDLE_S <= took <= 1.1 * IDLE_S, (name, took)
+
+
+def test_connections_without_a_preface_are_closed_and_free_the_cap() -> None:
+    """Sockets that send nothing, half the preface, or the preface without SETTINGS are closed
+    after preface_timeout_s, so they cannot hold the connection cap until the idle timeout;
+    a connection that sent its preface stays."""
+    cap, preface_s = 8, 1.0
+    closed_after: list[float] = []
+    limits = {"max_connections": cap, "preface_timeout_s": preface_s, "idle_timeout_s": 60}
+    with running_server(**limits) as server:
+
+        def attack() -> None:
+            opened = time.monotonic()
+            silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(cap - 2)]  # fmt: skip
+            try:
+                silent[0].sendall(w.PREFACE[:10])
+                silent[1].sendall(w.PREFACE)
+                with attacker(server.port) as held:  # with the probe's: the cap is reached
+                    held.alive()
+                    with attacker(server.port) as extra:
+                        assert extra.goaway() == w.ENHANCE_YOUR_CALM, "the cap was not reached"
+                    for sock in silent:
+                        with contextlib.suppress(ConnectionResetError):
+                            while sock.recv(65536):
+                                pass
+                        closed_after.append(time.monotonic() - opened)
+                    with attacker(server.port) as late:
+                        late.alive()  # room again
+                    held.alive()
+            finally:
+                for sock in silent:
+                    sock.close()
+
+        others_are_served(server, attack)
+    print(f"preface timeout {preface_s}s: closed after {[round(t, 2) for t in closed_after]}")
+    assert all(preface_s <= took < 3 * preface_s for took in closed_after), closed_after
 
 
 def test_unfinished_messages_over_all_connections_stay_within_the_memory_budget() -> None:
@@ -831,7 +900,7 @@ def check_invariants(connection: GrpcConnection, pool: Pool) -> None:
             assert s.outbox and s.outbox[0][0], "only an answer waiting for window waits"
         assert c._peer_window + s.send_credit <= w.MAX_WINDOW
     assert set(c._wait_stream) | set(c._wait_connection) <= set(c._streams)
-    assert len(c._decoder._strings) <= w.MAX_CACHED_STRINGS
+    assert len(c._decoder._paths) <= w.MAX_CACHED_BLOCKS
 
 
 def parse_frames(out: bytes) -> list[tuple[int, int, int, bytes]]:
