@@ -52,6 +52,10 @@ class Account:
     spent: list[int] = field(default_factory=lambda: [0, 0, 0])
     reserved: int = 0
     soft_seen: list[bool] = field(default_factory=lambda: [False, False, False])
+    capped: bool = False  # some period has a cap (set from ``caps``)
+
+    def __post_init__(self) -> None:
+        self.capped = any(c is not None for c in self.caps)
 
     @property
     def key(self) -> Key:
@@ -196,14 +200,14 @@ class Budgets:
         self, client: str, teams: tuple[str, ...], every: bool = False
     ) -> tuple[Account, ...]:
         found = []
-        mine = self._account("client", client, create=True) if client else None
-        if mine is not None and (every or any(c is not None for c in mine.caps)):
+        mine = self._clients.get(client) or self._account("client", client, create=True)
+        if client and mine is not None and (every or mine.capped):
             found.append(mine)
         for team in teams:
             account = self._teams.get(team)
-            if account is not None and (every or any(c is not None for c in account.caps)):
+            if account is not None and (every or account.capped):
                 found.append(account)
-        if every or any(c is not None for c in self._org.caps):
+        if every or self._org.capped:
             found.append(self._org)
         return tuple(found)
 

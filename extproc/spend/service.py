@@ -23,7 +23,9 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from extproc.config.model import StoreFailure
+from prometheus_client import CollectorRegistry
+
+from extproc.config.model import GatewayConfig, StoreFailure
 from extproc.config.spend import Period, Spend
 from extproc.policy.limits import Refusal
 from extproc.policy.secrets import read_secret
@@ -38,6 +40,7 @@ from extproc.spend.database import (
     Totals,
     budget_keys,
 )
+from extproc.spend.metrics import SpendMetrics
 from extproc.spend.periods import PERIODS
 from extproc.spend.prices import PriceBook
 from extproc.usage.record import UsageRecord
@@ -66,6 +69,23 @@ def open_database(spend: Spend, environ: Mapping[str, str] = os.environ) -> Data
         return SqliteDatabase(spend.sqlite_file)
     secret = read_secret(spend.password, environ) if spend.password else None
     return PostgresDatabase(spend.store, secret.reveal().decode() if secret else None)
+
+
+def spend_for(
+    config: GatewayConfig, registry: CollectorRegistry, environ: Mapping[str, str] = os.environ
+) -> SpendService | None:
+    """The running spend service for ``config`` (None without a ``spend`` section).
+
+    Raises DatabaseError (naming the database, never a password) when it cannot be opened.
+    """
+    spend = config.spend
+    if spend is None:
+        return None
+    metrics = SpendMetrics(registry, tuple(name for name, _ in spend.teams))
+    service = SpendService(spend, open_database(spend, environ), metrics)
+    metrics.watch(service.budgets)
+    service.start()
+    return service
 
 
 class SpendService:
