@@ -15,7 +15,7 @@ from extproc.config.model import Limit, Limits, StoreFailure
 
 class Refusal(NamedTuple):
     status: int  # 429 over a limit, 503 when limits cannot be checked (store down, closed)
-    limit: str  # the metric label: requests_per_minute, tokens, concurrent, store
+    limit: str  # the label: requests_per_minute, tokens, concurrent, store, syncing (unread)
     retry_after: int  # seconds
     message: str
 

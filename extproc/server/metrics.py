@@ -80,9 +80,15 @@ class Metrics:
         )
         self.limits_store_up = Gauge(
             "gateway_limits_store_up",
-            "1 while the shared limits store answers; 0 while limits count locally.",
+            "0 while the shared limits store cannot be synced (limits count locally); "
+            "1 otherwise, and always 1 with store: memory (nothing shared to lose).",
             registry=self.registry,
             multiprocess_mode="livemin",
+        )
+        self.limits_sync_failures = Counter(
+            "gateway_limits_sync_failures",
+            "Limits-store syncs that failed (store unreachable, or a bug: the log says which).",
+            registry=self.registry,
         )
         self.limits_lost = Counter(
             "gateway_limits_counts_lost",
@@ -98,7 +104,10 @@ class Metrics:
             self.usage_tokens.labels(route, client, source, model, kind).inc(count)
 
     def store_synced(self, ok: bool, lost: int) -> None:
+        """One limits-store sync (or, with ``store: memory``, the one report that all is well)."""
         self.limits_store_up.set(1 if ok else 0)
+        if not ok:
+            self.limits_sync_failures.inc()
         if lost:
             self.limits_lost.inc(lost)
 

@@ -6,7 +6,9 @@ Windows are fixed and aligned to the epoch (a minute for requests, the
 configured window for tokens), so every replica counts into the same keys.
 Token limits compare what has been counted so far: a request in flight is
 charged when its response ends, so a client may overshoot by what its
-requests in flight go on to use.
+requests in flight go on to use. A client whose shared counts this replica
+has not read yet gets one request until they are read (the store reads them
+at once); its others meanwhile get 429 ``syncing`` with retry-after 1 s.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from collections.abc import Callable, Mapping
 from extproc.config.model import Limit, Limits, StoreFailure
 from extproc.policy.limits import Refusal
 from extproc.policy.secrets import read_secret
-from extproc.usage.store import MemoryStore, RedisStore, Store
+from extproc.usage.store import MemoryStore, OnSync, RedisStore, Store
+
+UNREAD = (
+    "Client '{}' is new to this gateway replica and its limits are being read from the "
+    "shared store; retry in a second."
+)
 
 
 class Limiter:
@@ -29,35 +36,53 @@ class Limiter:
         self._clock = clock
 
     def admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
-        """None to go on (and the request is counted), or why not."""
-        if not self.store.healthy and on_store_error is StoreFailure.CLOSED:
+        """None to go on (and the request is counted), or why not.
+
+        A count the shared store has not read yet (the client's first request
+        through this replica) reads as 0, and the client gets one request until it is read.
+        """
+        store = self.store
+        if not store.healthy and on_store_error is StoreFailure.CLOSED:
             message = "Limits cannot be checked right now; retry shortly."
             return Refusal(503, "store", 5, message)
         now = self._clock()
-        if limit.concurrent is not None and self.store.inflight(client) >= limit.concurrent:
-            message = f"Client '{client}' has {limit.concurrent} requests in flight, its limit."
-            return Refusal(429, "concurrent", 1, message)
+        unread = False
+        if limit.concurrent is not None:
+            inflight = store.inflight(client)
+            unread = inflight is None
+            if (inflight or 0) >= limit.concurrent:
+                message = f"Client '{client}' has {limit.concurrent} requests in flight, its limit."
+                return Refusal(429, "concurrent", 1, message)
         rpm = limit.requests_per_minute
         if rpm is not None:
-            requests, minute_ends = _window(client, "requests", 60, now)
-            if self.store.get(requests) >= rpm:
+            requests, minute = f"{client}:requests:60", int(now // 60)
+            count = store.get(requests, 60, minute)
+            unread = unread or count is None
+            if (count or 0) >= rpm:
                 message = f"Client '{client}' reached its {rpm} requests per minute."
-                return Refusal(429, "requests_per_minute", _seconds(minute_ends - now), message)
+                wait = _seconds((minute + 1) * 60 - now)
+                return Refusal(429, "requests_per_minute", wait, message)
         if limit.tokens is not None:
-            key, resets = _window(client, "tokens", limit.token_window_s, now)
-            if self.store.get(key) >= limit.tokens:
+            seconds = limit.token_window_s
+            window = int(now // seconds)
+            count = store.get(f"{client}:tokens:{seconds}", seconds, window)
+            unread = unread or count is None
+            if (count or 0) >= limit.tokens:
                 message = f"Client '{client}' used its {limit.tokens} tokens for this window."
-                return Refusal(429, "tokens", _seconds(resets - now), message)
+                return Refusal(429, "tokens", _seconds((window + 1) * seconds - now), message)
+        if unread and not store.unread_admit(client):
+            return Refusal(429, "syncing", 1, UNREAD.format(client))
         if rpm is not None:
-            self.store.incr(requests, 1, minute_ends + 60)
+            store.incr(requests, 60, minute, 1)
         return None
 
     def charge(self, client: str, limit: Limit, tokens: int) -> None:
         """Count ``tokens`` a finished response used into the client's current window."""
         if tokens <= 0:
             return
-        key, resets = _window(client, "tokens", limit.token_window_s, self._clock())
-        self.store.incr(key, tokens, resets + 60)
+        seconds = limit.token_window_s
+        window = int(self._clock() // seconds)
+        self.store.incr(f"{client}:tokens:{seconds}", seconds, window, tokens)
 
     def close(self) -> None:
         self.store.close()
@@ -70,24 +95,22 @@ class Limiter:
 
 
 def limiter_for(
-    limits: Limits | None,
-    environ: Mapping[str, str],
-    on_sync: Callable[[bool, int], None] | None = None,
+    limits: Limits | None, environ: Mapping[str, str], on_sync: OnSync | None = None
 ) -> Limiter | None:
-    """The limiter for ``limits``: counting in this process, or through a shared store."""
-    if limits is None:
-        return None
-    if not limits.shared:
-        return Limiter(MemoryStore())
+    """The limiter for ``limits``: counting in this process, or through a shared store.
+
+    Without a shared store ``on_sync`` hears once that all is well: there is no
+    store to lose, so ``gateway_limits_store_up`` reads 1, never an alarm.
+    """
+    if limits is None or not limits.shared:
+        if on_sync is not None:
+            on_sync(True, 0)
+        return Limiter(MemoryStore()) if limits is not None else None
     secret = read_secret(limits.password, environ) if limits.password else None
     password = secret.reveal() if secret else None
-    return Limiter(RedisStore(limits.store, password, limits.sync_ms / 1000, on_sync=on_sync))
-
-
-def _window(client: str, kind: str, seconds: int, now: float) -> tuple[str, float]:
-    """The key of the fixed window holding ``now``, and when it ends."""
-    index = int(now // seconds)
-    return f"{client}:{kind}:{seconds}:{index}", (index + 1) * seconds
+    store = RedisStore(limits.store, password, limits.sync_ms / 1000, on_sync=on_sync)
+    store.start()
+    return Limiter(store)
 
 
 def _seconds(value: float) -> int:

@@ -45,11 +45,14 @@ def limited_gateway(
     start_gateway: Callable[..., Gateway],
     upstream: RecordingUpstream,
     tmp_path: Path,
-    redis: RedisServer,
+    redis: RedisServer | None,
     on_store_error: str = "open",
+    *,
+    rpm: int = LIMIT,
+    sync_ms: int = SYNC_MS,
     **options: Any,
 ) -> tuple[Gateway, int]:
-    """A gateway (and its metrics port) whose limits count in ``redis``."""
+    """A gateway (and its metrics port) whose limits count in ``redis`` (None: in memory)."""
     write_keys(tmp_path / "keys.txt", {"alice": ALICE})
     metrics = free_port()
     top: dict[str, Any] = {
@@ -57,10 +60,10 @@ def limited_gateway(
         "access": {"keys_file": str(tmp_path / "keys.txt")},
         "metrics": {"address": "127.0.0.1", "port": metrics},
         "limits": {
-            "store": redis.url,
-            "sync_ms": SYNC_MS,
+            "store": redis.url if redis else "memory",
+            "sync_ms": sync_ms,
             "on_store_error": on_store_error,
-            "default": {"requests_per_minute": LIMIT},
+            "default": {"requests_per_minute": rpm},
         },
     }
     routes = [credential_route("anthropic", upstream.url(), prefix="/anthropic")]
@@ -80,10 +83,12 @@ def two_gateways(
 
 
 def post(gateway: Gateway, key: str) -> int:
+    return send(gateway, key).status_code
+
+
+def send(gateway: Gateway, key: str) -> httpx.Response:
     with httpx.Client(base_url=gateway.base_url, timeout=10) as client:
-        return client.post(
-            "/anthropic/v1/messages", json=MESSAGE, headers={"x-api-key": key}
-        ).status_code
+        return client.post("/anthropic/v1/messages", json=MESSAGE, headers={"x-api-key": key})
 
 
 def away_from_a_minute_boundary(needed_s: float) -> None:
@@ -184,3 +189,46 @@ def test_workers_share_one_limit_through_the_store(
     assert len(upstream.requests) == admitted
     # both workers count through the store (each has its own connection to it)
     assert redis.command("CLIENT", "LIST").count(b"cmd=") >= 3  # 2 workers + this command
+
+
+def test_a_client_moving_to_a_gateway_that_never_saw_it_gets_one_request_there(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+    redis: RedisServer,
+) -> None:
+    """requests_per_minute 6, spent through A; then 8 back to back through B. On 7fe3c72 B
+    counted alone until its next sync and admitted several; the README's bound is 1."""
+    upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
+    a, b = (
+        limited_gateway(start_gateway, upstream, tmp_path, redis, rpm=6, sync_ms=1000)[0]
+        for _ in range(2)
+    )
+    away_from_a_minute_boundary(25)
+    for _ in range(6):  # A's own first sight may ask a request to retry: count admissions
+        eventually(lambda: post(a, ALICE) == 200)
+    eventually(lambda: b"credential-gateway:alice:requests" in redis.command("KEYS", "*"))
+    key = redis.command("KEYS", "credential-gateway:alice:requests:*").split(b"\r\n")[2].decode()
+    eventually(lambda: redis.command("GET", key) == b"$1\r\n6\r\n")  # A has pushed its 6
+    answers = [send(b, ALICE) for _ in range(8)]
+    admitted = sum(r.status_code == 200 for r in answers)
+    assert admitted <= 1, [r.status_code for r in answers]
+    assert all(r.status_code == 429 and r.headers["retry-after"] for r in answers[admitted:])
+    assert len(upstream.requests) == 6 + admitted
+    total = f"${len(str(6 + admitted))}\r\n{6 + admitted}\r\n".encode()
+    eventually(lambda: redis.command("GET", key) == total)  # B's one request reached the store
+    assert post(b, ALICE) == 429
+    assert post(b, OWN) == 200  # a client's own key: never limited
+
+
+def test_with_the_memory_store_the_store_reads_up(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    """Nothing shared to lose: an alert on ``gateway_limits_store_up == 0`` must not fire on a
+    healthy gateway (on 7fe3c72 it read 0 with ``store: memory``)."""
+    upstream = start_upstream("anthropic-upstream", responder=anthropic_api)
+    gateway, metrics = limited_gateway(start_gateway, upstream, tmp_path, None)
+    assert post(gateway, ALICE) == 200
+    assert gauge(metrics, "gateway_limits_store_up") == 1

@@ -23,6 +23,7 @@ from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.limits import Refusal
 from extproc.policy.processor import process
+from extproc.server.metrics import Metrics
 from extproc.usage.limiter import Limiter, limiter_for
 from extproc.usage.store import MemoryStore, RedisStore
 
@@ -227,6 +228,16 @@ def limiter(now: float = 0.0, store: MemoryStore | None = None) -> tuple[Limiter
     return Limiter(store or MemoryStore(clock), clock), clock
 
 
+def memory(lim: Limiter) -> MemoryStore:
+    assert isinstance(lim.store, MemoryStore)
+    return lim.store
+
+
+def counted(lim: Limiter, key: str) -> int:
+    """What the limiter's memory store holds under ``key`` (series:index)."""
+    return memory(lim)._counts.get(key, 0)
+
+
 RPM = "Client 'alice' reached its {} requests per minute."
 TOKENS = "Client 'alice' used its {} tokens for this window."
 CONCURRENT = "Client 'alice' has {} requests in flight, its limit."
@@ -275,15 +286,15 @@ def test_a_request_may_overshoot_the_token_limit_it_was_admitted_under() -> None
     limit = Limit(tokens=10, token_window_s=60)
     assert lim.admit("alice", limit, OPEN) is None
     lim.charge("alice", limit, 500)
-    assert lim.store.get("alice:tokens:60:0") == 500
+    assert counted(lim, "alice:tokens:60:0") == 500
 
 
-@pytest.mark.parametrize(("tokens", "counted"), [(0, 0), (-5, 0), (1, 1)])
-def test_nothing_or_less_is_never_charged(tokens: int, counted: int) -> None:
+@pytest.mark.parametrize(("tokens", "expected"), [(0, 0), (-5, 0), (1, 1)])
+def test_nothing_or_less_is_never_charged(tokens: int, expected: int) -> None:
     lim, _ = limiter()
     lim.charge("alice", Limit(tokens=1, token_window_s=60), tokens)
-    assert lim.store.get("alice:tokens:60:0") == counted
-    assert len(lim.store._counts) == counted  # no key made for nothing
+    assert counted(lim, "alice:tokens:60:0") == expected
+    assert len(memory(lim)._counts) == expected  # no key made for nothing
 
 
 @pytest.mark.parametrize(
@@ -367,7 +378,7 @@ def test_a_refused_request_is_not_counted(refused_by: Limit) -> None:
     lim, _ = limiter(30.0)
     for _ in range(10):
         assert lim.admit("alice", refused_by, OPEN) is not None
-    assert lim.store.get("alice:requests:60:0") == 0
+    assert counted(lim, "alice:requests:60:0") == 0
     rpm_only = Limit(requests_per_minute=1)
     assert lim.admit("alice", rpm_only, OPEN) is None
     assert lim.admit("alice", rpm_only, OPEN) is not None
@@ -378,14 +389,14 @@ def test_a_refusal_by_the_request_limit_is_not_counted_either() -> None:
     limit = Limit(requests_per_minute=2)
     for _ in range(5):
         lim.admit("alice", limit, OPEN)
-    assert lim.store.get("alice:requests:60:0") == 2
+    assert counted(lim, "alice:requests:60:0") == 2
 
 
 def test_admitted_requests_are_counted_only_with_a_request_limit() -> None:
     lim, _ = limiter(30.0)
     assert lim.admit("alice", Limit(tokens=5, token_window_s=60, concurrent=3), OPEN) is None
-    assert lim.store.get("alice:requests:60:0") == 0
-    assert lim.store._counts == {}
+    assert counted(lim, "alice:requests:60:0") == 0
+    assert memory(lim)._counts == {}
 
 
 def test_tokens_land_in_the_window_of_the_charge_time() -> None:
@@ -395,8 +406,8 @@ def test_tokens_land_in_the_window_of_the_charge_time() -> None:
     assert lim.admit("alice", limit, OPEN) is None
     clock.now = 70.0
     lim.charge("alice", limit, 10)
-    assert lim.store.get("alice:tokens:60:0") == 0
-    assert lim.store.get("alice:tokens:60:1") == 10
+    assert counted(lim, "alice:tokens:60:0") == 0
+    assert counted(lim, "alice:tokens:60:1") == 10
     assert lim.admit("alice", limit, OPEN) == Refusal(429, "tokens", 50, TOKENS.format(10))
     clock.now = 50.0
     assert lim.admit("alice", limit, OPEN) is None
@@ -407,7 +418,7 @@ def test_windows_of_other_clients_and_lengths_are_apart() -> None:
     lim.charge("alice", Limit(token_window_s=60), 7)
     lim.charge("alice", Limit(token_window_s=3600), 9)
     lim.charge("bob", Limit(token_window_s=60), 11)
-    assert lim.store._counts == {
+    assert memory(lim)._counts == {
         "alice:tokens:60:0": 7,
         "alice:tokens:3600:0": 9,
         "bob:tokens:60:0": 11,
@@ -427,7 +438,7 @@ def test_a_window_is_kept_a_minute_past_its_end(kind: str, now: float, expiry: f
         lim.admit("alice", limit, OPEN)
     else:
         lim.charge("alice", limit, 3)
-    assert list(lim.store._expiry.values()) == [expiry]
+    assert list(memory(lim)._expiry.values()) == [expiry]
 
 
 def test_requests_in_flight_go_up_and_down_and_never_below_zero() -> None:
@@ -455,7 +466,7 @@ def test_store_down_and_closed_refuses_with_503_and_counts_nothing() -> None:
     lim = Limiter(DownStore(clock), clock)
     for each in (Limit(requests_per_minute=100), Limit(tokens=10**6), Limit(concurrent=100)):
         assert lim.admit("alice", each, CLOSED) == Refusal(503, "store", 5, STORE)
-    assert lim.store.get("alice:requests:60:0") == 0
+    assert counted(lim, "alice:requests:60:0") == 0
 
 
 def test_store_down_and_open_counts_in_this_process() -> None:
@@ -465,7 +476,7 @@ def test_store_down_and_open_counts_in_this_process() -> None:
     assert lim.admit("alice", limit, OPEN) is None
     assert lim.admit("alice", limit, OPEN) is None
     assert lim.admit("alice", limit, OPEN) == Refusal(429, "requests_per_minute", 30, RPM.format(2))
-    assert lim.store.get("alice:requests:60:0") == 2
+    assert counted(lim, "alice:requests:60:0") == 2
 
 
 def test_a_healthy_store_never_refuses_with_503() -> None:
@@ -479,7 +490,7 @@ def test_the_limiter_reads_the_wall_clock_by_default() -> None:
     lim = Limiter(MemoryStore())
     before = int(time.time() // 60)
     lim.admit("alice", Limit(requests_per_minute=5), OPEN)
-    [key] = lim.store._counts
+    [key] = memory(lim)._counts
     assert key in {f"alice:requests:60:{before}", f"alice:requests:60:{before + 1}"}
 
 
@@ -491,6 +502,16 @@ def test_no_limits_no_limiter_and_memory_limits_count_in_this_process() -> None:
     lim = limiter_for(Limits(), {})
     assert lim is not None and type(lim.store) is MemoryStore
     lim.close()  # nothing to stop
+
+
+@pytest.mark.parametrize("limits", [None, Limits()], ids=["no limits", "store: memory"])
+def test_without_a_shared_store_the_store_reads_up(limits: Limits | None) -> None:
+    """Nothing shared to lose: ``gateway_limits_store_up`` is 1, so an alert on 0 never fires
+    on a healthy gateway (on 7fe3c72 nothing reported it and it read 0)."""
+    metrics = Metrics()
+    limiter_for(limits, {}, metrics.store_synced)
+    assert metrics.registry.get_sample_value("gateway_limits_store_up") == 1
+    assert metrics.registry.get_sample_value("gateway_limits_sync_failures_total") == 0
 
 
 def test_a_shared_store_gets_its_url_password_and_sync_interval() -> None:
