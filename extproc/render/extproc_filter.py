@@ -29,14 +29,15 @@ _EXT_PROC = "envoy.extensions.filters.http.ext_proc.v3."
 
 def mutation_rules(config: GatewayConfig) -> Json:
     """The processor may set or remove only credential and gateway-key slots (and ``retry-after``
-    on its own 429s, with limits); anything else fails.
+    on its own 429s, with limits or budgets); anything else fails.
 
     ``x-envoy-*``, ``host``/``:authority``, ``:path``, ``:scheme`` and ``:method``
     are already out of reach by default; ``disallow_all`` plus an allow-list makes
     every other header out of reach too, and ``disallow_is_error`` turns an
     attempt into a failed request instead of a silently ignored change.
     """
-    names = sorted(_slots(config) | ({"retry-after"} if config.limits else set()))
+    refuses = config.limits is not None or config.spend is not None  # 429s with retry-after
+    names = sorted(_slots(config) | ({"retry-after"} if refuses else set()))
     return {
         "disallow_system": True,
         "disallow_all": True,

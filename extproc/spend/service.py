@@ -3,8 +3,8 @@
 ``records`` is called with each batch of usage records (off the request path):
 it prices them, settles their reservations and charges the budgets in memory,
 then queues the ledger rows. A writer thread flushes the queue every
-``flush_ms`` in one transaction, with the budget counters; with a shared
-PostgreSQL it then reads every replica's counters back.
+``flush_ms`` in one transaction, with the budget counters, then reads the
+counters back: what other workers (SQLite) or replicas (PostgreSQL) spent.
 
 Loss: rows still queued when the process is killed (at most ``flush_ms`` of
 records) and records Envoy had not sent yet. While the database is down, rows
@@ -174,8 +174,7 @@ class SpendService:
                 self._pending[(scope, name, Period(period))] -= amount
         self._written += len(batch)
         self._up()
-        if self.spend.shared:
-            self.refresh()
+        self.refresh()  # other replicas' or workers' spend, from the shared counters
         self._report(len(batch))
         return len(batch)
 

@@ -122,3 +122,14 @@ def test_a_postgresql_store_with_its_password(tmp_path: Path) -> None:
     spend = load_config(write(tmp_path, text)).spend
     assert spend is not None and spend.shared and spend.password is not None
     assert spend.password.env == "PG"
+
+
+def test_envoy_lets_the_processor_set_retry_after_on_a_budget_refusal(tmp_path: Path) -> None:
+    from extproc.render.extproc_filter import mutation_rules
+
+    regex = mutation_rules(load_config(write(tmp_path, FULL)))["allow_expression"]["regex"]
+    assert "retry\\-after" in regex or "retry-after" in regex
+    assert (
+        "retry"
+        not in mutation_rules(load_config(write(tmp_path, BASE)))["allow_expression"]["regex"]
+    )
