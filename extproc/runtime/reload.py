@@ -101,6 +101,7 @@ class PolicyHolder:
         # a SIGHUP has loaded already, instead of loading it a second time.
         self.attempted: bytes = b""
         self.retry = Retry()
+        self._logged: Sequence[str] = ()  # the problems last logged
         self.last_ok = False  # the last load committed its config
         self.watched_at = time.monotonic()  # the watcher's last round (its heartbeat)
 
@@ -127,6 +128,7 @@ class PolicyHolder:
                 self._failed((f"config {policy.version} not delivered: {exc}",), wait_s)
                 return False
             self.retry.clear()
+            self._logged = ()
             self._swap(config, policy)
             self._delivered = policy
             self.last_ok = True
@@ -169,7 +171,10 @@ class PolicyHolder:
         self.metrics.loaded("", ok=False)
         kept = "keeping the last good config" if self._delivered else "nothing to serve"
         again = f"; trying again in {retry_s:.0f}s" if retry_s else ""
-        log.error("config not loaded (%s%s):\n  %s", kept, again, "\n  ".join(problems))
+        # A retry that fails the same way is not logged again (it would every 30 s).
+        level = logging.DEBUG if retry_s and problems == self._logged else logging.ERROR
+        log.log(level, "config not loaded (%s%s):\n  %s", kept, again, "\n  ".join(problems))
+        self._logged = problems
 
     @staticmethod
     def _log_loaded(config: GatewayConfig, policy: Policy) -> None:

@@ -34,8 +34,10 @@ from pathlib import Path
 from types import FrameType
 
 from extproc.config.model import GatewayConfig
+from extproc.runtime.ports import PortTaken, check_free, gateway_ports
 from extproc.runtime.processes import Backoff, start_child
 from extproc.runtime.reload import PolicyHolder, watch
+from extproc.runtime.status import ProcessorRecord, watcher_stuck
 from extproc.runtime.xds import DeliveryError, XdsWriter, atomic_write
 from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers, worker_died
 
@@ -70,6 +72,7 @@ class Supervisor:
         ]
         self.workers: list[subprocess.Popen[bytes]] = []
         self._backoff: dict[int, Backoff] = {}  # by worker slot
+        self._recorded: tuple[bool, str, str] = (False, "", "")  # as last written to the record
 
     def _roll_out(self, config: GatewayConfig, version: str) -> None:
         """Every worker reloads and confirms before Envoy gets the new routes."""
@@ -108,20 +111,42 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        try:  # the workers share their port (SO_REUSEPORT): nobody else may have it
+            check_free([p for p in gateway_ports(config) if p[0] in ("extproc", "metrics")])
+        except PortTaken as exc:
+            log.error("%s", exc)
+            return 1
         if not self.holder.load():  # writes Envoy's files before any worker starts
             return 2
         self.workers = [self._start() for _ in range(config.extproc.workers)]
         if config.metrics is not None:
             serve_workers(config.metrics, self.run_dir / "metrics")
-        threading.Thread(
+        watcher = threading.Thread(
             target=watch, args=(self.holder, stop, self._load), name="reload", daemon=True
-        ).start()
+        )
+        watcher.start()
+        record = ProcessorRecord(self.holder, config.extproc.target)
         try:
-            while not stop.wait(RESTART_DELAY_S):
+            while not stop.wait(RESTART_DELAY_S if record.serving else 0.05):
                 self._restart_dead()
+                self._report(record, watcher)
         finally:
             self._stop_all()
+            record.serving = False
+            record.write()
         return 0
+
+    def _report(self, record: ProcessorRecord, watcher: threading.Thread) -> None:
+        """The supervisor's status record: serving once every worker reported the version."""
+        reports = [self.run_dir / f"{worker.pid}.version" for worker in self.workers]
+        state = (
+            all(path.exists() for path in reports),
+            self.holder.policy.version,
+            "STUCK" if watcher_stuck(self.holder, watcher.is_alive()) else "ok",
+        )
+        if state != self._recorded:
+            record.serving, _version, record.watcher = self._recorded = state
+            record.write()
 
     def _start(self) -> subprocess.Popen[bytes]:
         return start_child(self.command, env=self.env, block_sighup=True)

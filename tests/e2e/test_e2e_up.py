@@ -224,3 +224,17 @@ def test_health_and_status_reach_the_processor_of_a_running_up(
     assert up.stop() == 0
     after = extproc_command("health", str(up.config))
     assert after.returncode != 0
+
+
+def test_up_with_workers_serves_and_reports_one_version_in_processor_and_envoy(
+    run_up: Callable[..., Up], upstream: RecordingUpstream
+) -> None:
+    extproc = {"address": "127.0.0.1", "port": free_port(), "timeout_ms": 5000, "workers": 2}
+    up = run_up(free_port(), {"extproc": extproc})
+    up.wait_ready_or_exit()
+    assert up.process.poll() is None, up.text()
+    with http1(f"http://127.0.0.1:{up.listener_port}") as client:
+        assert client.get("/anthropic/v1/models").status_code == 200
+    status = extproc_command("status", str(up.config))
+    assert "in step: yes" in status.stdout, status.stdout + status.stderr
+    assert up.stop() == 0

@@ -94,8 +94,10 @@ def test_during_delivery_the_processor_knows_both_configs_route_names(
     assert "new" in names(holder)  # committed; the old names stay one reload longer
 
 
-def test_the_watcher_retries_a_failed_delivery_without_another_change(
-    setup: tuple[PolicyHolder, Path, Delivery], monkeypatch: pytest.MonkeyPatch
+def test_the_watcher_retries_a_failed_delivery_without_another_change_and_logs_it_once(
+    setup: tuple[PolicyHolder, Path, Delivery],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(reload, "RETRY_FIRST_S", 0.1)
     holder, path, delivery = setup
@@ -108,6 +110,8 @@ def test_the_watcher_retries_a_failed_delivery_without_another_change(
         write(path, name="new")
         wait_until(lambda: len(delivery.versions) >= 3)  # first try, then retries
         assert "new" not in names(holder)
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1, errors
         delivery.failing = False
         wait_until(lambda: "new" in names(holder))
         assert holder.retry.due is None
