@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
@@ -54,6 +55,8 @@ _DOWN = Refusal(503, "budget_store", 5, "Budgets cannot be checked right now; re
 class SpendSink(Protocol):
     """What spend reports (the processor's Prometheus metrics)."""
 
+    def watch(self, budgets: Budgets) -> None: ...
+
     def priced(self, record: UsageRecord, cost: int | None) -> None: ...
 
     def unknown_price(self, model: str) -> None: ...
@@ -83,7 +86,6 @@ def spend_for(
         return None
     metrics = SpendMetrics(registry, tuple(name for name, _ in spend.teams))
     service = SpendService(spend, open_database(spend, environ), metrics)
-    metrics.watch(service.budgets)
     service.start()
     return service
 
@@ -115,6 +117,34 @@ class SpendService:
         self._thread: threading.Thread | None = None
         self._pruned = 0.0
         self.budgets.load(database.rebuild(self._starts()))
+        if sink is not None:
+            sink.watch(self.budgets)
+
+    def reconfigure(self, spend: Spend | None) -> None:
+        """A reloaded config: new budgets, prices and thresholds take effect now.
+
+        The budgets are rebuilt from the counters (plus what is not yet written);
+        reservations of requests in flight are dropped with the old budgets. The
+        store, state directory and time zone stay as they are until a restart.
+        """
+        if spend is None or spend == self.spend:
+            return
+        kept = (self.spend.store, self.spend.state_dir, self.spend.timezone, self.spend.password)
+        if (spend.store, spend.state_dir, spend.timezone, spend.password) != kept:
+            log.warning("spend: store, state_dir and timezone changes take effect at restart")
+            spend = replace(spend, store=kept[0], state_dir=kept[1], timezone=kept[2])
+            spend = replace(spend, password=kept[3])
+        sink = self._sink
+        budgets = Budgets(spend, self._clock, sink.soft_threshold if sink else None)
+        if spend.prices != self.spend.prices:
+            self.prices = PriceBook(spend.prices, sink.unknown_price if sink else None)
+        self.spend = spend
+        self._refuse_when_down = spend.on_store_error is StoreFailure.CLOSED
+        self.budgets = budgets  # one reference swap: admit uses the old or the new, whole
+        self.refresh()
+        if sink is not None:
+            sink.watch(budgets)
+        log.info("spend: budgets reloaded")
 
     def admit(self, client: str, teams: tuple[str, ...] = ()) -> Refusal | None:
         if not self.healthy and self._refuse_when_down:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -203,3 +204,20 @@ def test_database_down_rows_wait_and_budgets_fail_as_configured(
     service.records([rec(rid="2")])
     assert service.flush() == 2 and service.healthy
     assert [r.request_id for r in db.written] == ["1", "2"]
+
+
+def test_budgets_reload_live_and_a_store_change_waits_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = spend(tmp_path)
+    service = SpendService(s, open_database(s), clock=lambda: NOW)
+    service.records([rec(rid="1"), rec(rid="2")])  # $4.50 of alice's $5
+    service.flush()
+    assert service.admit("alice") is None
+    service.reconfigure(replace(s, clients=(("alice", Budget(day=Decimal(4))),)))
+    refusal = service.admit("alice")
+    assert refusal is not None and "$4.50 spent of $4.00" in refusal.message
+    service.reconfigure(replace(service.spend, timezone="Asia/Tokyo", soft_percent=50))
+    assert service.spend.timezone == "UTC" and service.spend.soft_percent == 50
+    assert "take effect at restart" in caplog.text
+    service.close()
