@@ -19,6 +19,7 @@ from typing import Protocol
 import genai_prices
 from genai_prices import Usage
 from genai_prices.data_snapshot import get_snapshot
+from genai_prices.types import ModelPrice, TieredPrices
 
 from extproc.config.spend import Price
 from extproc.usage.record import UsageRecord
@@ -107,15 +108,78 @@ def _from_table(model: str) -> Pricer | None:
         _, info = get_snapshot().find_provider_model(model, None, None, None)
     except LookupError:
         return None
+    fast: dict[int, Pricer | None] = {}  # by the table's price object (a new one when it changes)
 
     def cost(record: UsageRecord) -> Decimal | None:
         at = datetime.fromtimestamp(record.time, UTC)
         try:  # the price in force when the request was made
-            return info.get_prices(at).calc_price(_usage(record))["total_price"]
+            price = info.get_prices(at)
+            key = id(price)
+            if key not in fast:
+                fast[key] = _tokens_only(price)
+            quick = fast[key]
+            if quick is not None:
+                return quick(record)
+            return price.calc_price(_usage(record))["total_price"]
         except (LookupError, ValueError):
             return None
 
     return cost
+
+
+# Prices for usage a record never reports (searches): zero for every record.
+_UNUSED = frozenset({"web_searches_kcount", "storage_searches_kcount"})
+_TOKENS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_1h_mtok",
+)
+
+
+def _tokens_only(price: ModelPrice) -> Pricer | None:
+    """The same arithmetic as genai-prices' ``calc_price`` for a price of token kinds only
+    (about 10x faster); None for any other price, which goes through ``calc_price``.
+
+    As there, a token kind without a price of its own is priced as its parent (an unpriced
+    cache read or write as input, an unpriced 1-hour write as a write), and a tiered price
+    is chosen by the request's whole input (cache included).
+    """
+    given = {k for k, v in vars(price).items() if v is not None}
+    if not given <= _UNUSED | set(_TOKENS):
+        return None
+    ins, out, read, write, hour = (getattr(price, k, None) for k in _TOKENS)
+    if ins is None or out is None or (hour is not None and write is None):
+        return None
+
+    def cost(record: UsageRecord) -> Decimal:
+        tokens_in, cached = record.input or 0, record.cache_read or 0
+        five, long = record.cache_creation_5m or 0, record.cache_creation_1h or 0
+        total = tokens_in + cached + five + long
+        if read is None:
+            tokens_in, cached = tokens_in + cached, 0
+        if write is None:
+            tokens_in, five, long = tokens_in + five + long, 0, 0
+        elif hour is None:
+            five, long = five + long, 0
+        amount = _at(ins, total) * tokens_in + _at(out, total) * (record.output or 0)
+        for per_mtok, count in ((read, cached), (write, five), (hour, long)):
+            if count:
+                assert per_mtok is not None
+                amount += _at(per_mtok, total) * count
+        return amount / _MTOK
+
+    return cost
+
+
+def _at(price: Decimal | TieredPrices, total_input: int) -> Decimal:
+    if isinstance(price, Decimal):
+        return price
+    for tier in reversed(price.tiers):
+        if total_input > tier.start:
+            return tier.price
+    return price.base
 
 
 def _usage(record: UsageRecord) -> Usage:

@@ -103,3 +103,57 @@ def test_pricing_never_touches_the_network(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     assert PriceBook().cost(rec("claude-opus-4-5", input=10**6, output=0)) == 5 * 10**9
+
+
+def test_the_fast_arithmetic_agrees_with_genai_prices_for_every_model_it_takes() -> None:
+    from datetime import UTC, datetime
+
+    from genai_prices.data_snapshot import get_snapshot
+
+    from extproc.spend.prices import _tokens_only, _usage
+
+    usages = [
+        {
+            "input": 1000,
+            "output": 10,
+            "cache_read": 2000,
+            "cache_creation_5m": 100,
+            "cache_creation_1h": 100,
+        },
+        {
+            "input": 250_000,
+            "output": 5000,
+            "cache_read": 0,
+            "cache_creation_5m": 0,
+            "cache_creation_1h": 0,
+        },
+        {
+            "input": 3,
+            "output": 0,
+            "cache_read": 300_000,
+            "cache_creation_5m": 7,
+            "cache_creation_1h": 0,
+        },
+        {
+            "input": 0,
+            "output": 1,
+            "cache_read": None,
+            "cache_creation_5m": None,
+            "cache_creation_1h": 90_000,
+        },
+    ]
+    checked = 0
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            try:
+                price = model.get_prices(datetime.fromtimestamp(T, UTC))
+            except LookupError:
+                continue
+            quick = _tokens_only(price)
+            if quick is None:
+                continue
+            for tokens in usages:
+                record = rec(model.id, **tokens)
+                assert quick(record) == price.calc_price(_usage(record))["total_price"], model.id
+            checked += 1
+    assert checked > 1000  # nearly every model in the table has token prices only
