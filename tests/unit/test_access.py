@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,12 @@ from extproc.config.sections import ConfigError
 from extproc.policy.access import (
     GatewayKeys,
     Identity,
+    KeyLine,
     KeysFileError,
+    format_time,
     key_line,
     new_key,
+    parse_line,
     read_keys,
 )
 from extproc.policy.compiled import compile_policy
@@ -185,3 +191,38 @@ def test_a_missing_keys_file_is_a_load_error_naming_it(tmp_path: Path) -> None:
     assert caught.value.problems == (
         f"gateway.yaml:2 access: keys file {tmp_path}/nope cannot be read: No such file or directory",
     )
+
+
+def test_an_unchanged_file_is_not_parsed_again_and_a_changed_one_is(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"alice sha256:{A}\n")
+    first = read_keys(path)
+    assert first.digest == hashlib.sha256(path.read_bytes()).digest()
+    assert read_keys(path, first) is first
+    path.write_text(f"bob sha256:{A}\n")
+    assert dict(read_keys(path, first).by_digest) == {bytes.fromhex(A): Identity("bob")}
+
+
+def test_a_parsed_line_keeps_what_it_was_given_and_no_more() -> None:
+    assert parse_line(f"alice sha256:{A}") == KeyLine("alice", A)
+    line = parse_line(f"alice sha256:{A} created=2026-12-07 teams=ml")
+    assert line == KeyLine("alice", A, "2026-12-07", None, ("ml",))
+    assert line.text() == f"alice sha256:{A} created=2026-12-07 teams=ml"
+
+
+def test_an_attribute_value_may_not_hold_another_equals_sign() -> None:
+    with pytest.raises(ValueError, match=r"^teams: use comma-separated names"):
+        parse_line(f"alice sha256:{A} teams=ml=platform")
+
+
+def test_an_expiry_is_written_in_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        moment = datetime(2027, 1, 1, 9, tzinfo=timezone(timedelta(hours=9)))
+        assert format_time(moment) == "2027-01-01T00:00:00Z"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
