@@ -189,6 +189,8 @@ class RedisStore:
         key = window_key(series, index)
         expires_at = _expires(seconds, index)
         with self._lock:
+            if series not in self._series:  # a count of a series no one follows is never read
+                self._series[series] = (seconds, self._clock() + WATCH_S)
             if key not in self._pending and len(self._pending) >= MAX_PENDING_KEYS:
                 self._lost += amount
                 return
@@ -348,8 +350,13 @@ class RedisStore:
             return
         self._next_purge = now + _PURGE_EVERY_S
         _drop_expired(self._counts, self._expiry, now)
-        for series in [s for s, (_, until) in self._series.items() if until < now]:
+        gone = {s for s, (_, until) in self._series.items() if until < now}
+        for series in gone:
             del self._series[series]
+        if gone:  # their counts are no longer read: unread (not stale) if asked for again
+            for key in [k for k in self._counts if k.rpartition(":")[0] in gone]:
+                del self._counts[key]
+                self._expiry.pop(key, None)
         for client in [c for c, until in self._clients.items() if until < now]:
             del self._clients[client]
             self._remote.pop(client, None)

@@ -452,6 +452,30 @@ def test_a_followed_client_is_read_before_its_next_window_starts(
         b.close()
 
 
+def test_a_client_away_longer_than_the_follow_time_is_unread_again_not_stale(
+    redis: RedisServer, stores: Callable[..., RedisStore]
+) -> None:
+    """B stops reading alice's counts when she has been away; on her return B must not
+    admit on the count it read before (others may have spent since)."""
+    clock = Clock(time.time())
+    a = stores(redis.url)
+    b = RedisStore(redis.url, None, ASLEEP, clock=clock)
+    limit = Limit(tokens=10, token_window_s=86400)
+    limiter = Limiter(b, clock)
+    try:
+        assert admitted(limiter, limit, 1) == ["ok"]
+        b.sync()  # B follows alice: her tokens read as 0
+        clock.now += store_module.WATCH_S + 11  # away: B no longer follows her
+        b.sync()
+        a.incr("alice:tokens:86400", 86400, int(clock.now // 86400), 10)  # spent through A
+        a.sync()
+        assert admitted(limiter, limit, 2) == ["ok", "syncing"]  # unread, not the stale 0
+        b.sync()
+        assert admitted(limiter, limit, 1) == ["tokens"]
+    finally:
+        b.close()
+
+
 def test_a_zero_limit_refuses_even_an_unread_client(
     redis: RedisServer, stores: Callable[..., RedisStore]
 ) -> None:
