@@ -108,7 +108,7 @@ class SpendService:
         self.budgets = Budgets(spend, clock, sink.soft_threshold if sink else None)
         self._lock = threading.Lock()
         self._queue: deque[tuple[Row, dict[CounterKey, int]]] = deque()
-        self._pending: dict[tuple[str, str, Period], int] = {}  # charged, not yet written
+        self._pending: dict[CounterKey, int] = {}  # charged, not yet written
         self._dropped = 0
         self._written = 0
         self.healthy = True
@@ -116,6 +116,7 @@ class SpendService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pruned = 0.0
+        self._bounds: dict[Period, tuple[float, float]] = {}
         self.budgets.load(database.rebuild(self._starts()))
         if sink is not None:
             sink.watch(self.budgets)
@@ -163,8 +164,7 @@ class SpendService:
                     self._dropped += 1
                 else:
                     self._queue.append((_row(record, cost), counters))
-                    for (scope, name, period, _), amount in counters.items():
-                        key = (scope, name, Period(period))
+                    for key, amount in counters.items():
                         self._pending[key] = self._pending.get(key, 0) + amount
             if self._sink is not None:
                 self._sink.priced(record, cost)
@@ -200,8 +200,12 @@ class SpendService:
         with self._lock:
             for _ in batch:
                 self._queue.popleft()
-            for (scope, name, period, _), amount in merged.items():
-                self._pending[(scope, name, Period(period))] -= amount
+            for key, amount in merged.items():
+                left = self._pending[key] - amount
+                if left:
+                    self._pending[key] = left
+                else:
+                    del self._pending[key]  # keys of past periods never pile up
         self._written += len(batch)
         self._up()
         self.refresh()  # other replicas' or workers' spend, from the shared counters
@@ -211,14 +215,18 @@ class SpendService:
     def refresh(self) -> None:
         """Budgets from the shared counters (every replica's writes) plus what is still queued."""
         try:
-            totals = self._db.counters(self._starts())
+            starts = self._starts()
+            totals = self._db.counters(starts)
         except DatabaseError as exc:
             self._down(exc)
             return
+        current = {(p.value, start): p for p, start in starts.items()}
         with self._lock:
             merged: Totals = dict(totals)
-            for key, amount in self._pending.items():
-                merged[key] = merged.get(key, 0) + amount
+            for (scope, name, period, start), amount in self._pending.items():
+                kind = current.get((period, start))
+                if kind is not None and amount:  # only what counts in the current periods
+                    merged[(scope, name, kind)] = merged.get((scope, name, kind), 0) + amount
             self.budgets.load(merged)
 
     def _run(self) -> None:
@@ -249,14 +257,20 @@ class SpendService:
     def _counters(self, record: UsageRecord, cost: int | None) -> dict[CounterKey, int]:
         if not record.charged or not cost or cost <= 0:
             return {}
-        calendar = self.budgets.calendar
-        starts = {p: calendar.bounds(p, record.time)[0] for p in PERIODS}
+        starts = [self._start(p, record.time) for p in PERIODS]
         teams = ",".join(record.teams)
         return {
-            (scope, name, p.value, starts[p]): cost
+            (scope, name, p.value, starts[i]): cost
             for scope, name in budget_keys(record.client, teams)
-            for p in PERIODS
+            for i, p in enumerate(PERIODS)
         }
+
+    def _start(self, period: Period, at: float) -> float:
+        """The start of the ``period`` holding ``at``; the last one is kept (zones are slow)."""
+        start, end = self._bounds.get(period, (0.0, 0.0))
+        if not start <= at < end:
+            start, end = self._bounds[period] = self.budgets.calendar.bounds(period, at)
+        return start
 
     def _down(self, exc: DatabaseError) -> None:
         if self.healthy:
