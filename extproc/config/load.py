@@ -86,6 +86,8 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
             if route and route.spends_server_key and route.access is None:
                 problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
     metering = top.flag("metering", False)
+    # How often Envoy sends its batch of usage records to the processor (gRPC access log).
+    flush_ms = top.integer("metering_flush_ms", 250, 10, 60000)
     workers = extproc.workers if extproc else None
     limits = parse_limits(
         top.section("limits", LIMITS), problems, parser.secret, workers, bool(metering)
@@ -105,13 +107,15 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         routes=tuple(r for r in routes if r is not None),
         metrics=metrics if top.has("metrics") else None,
         metering=bool(metering),
+        metering_flush_ms=flush_ms or 250,
         limits=limits,
         spend=spend,
     )
 
 
 _TOP = [
-    "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering", "limits",
+    "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering",
+    "metering_flush_ms", "limits",
     "spend", "routes",
 ]  # fmt: skip
 _LISTENER = [

@@ -245,7 +245,8 @@ class GatewayConfig:
     routes: tuple[Route, ...]
     metrics: Endpoint | None = None
     system_ca_file: Path = Path("/etc/ssl/certs/ca-certificates.crt")
-    metering: bool = False  # observe responses on credential routes for token usage
+    metering: bool = False  # count token usage on credential routes (in Envoy)
+    metering_flush_ms: int = 250  # Envoy sends usage records to the processor this often
     limits: Limits | None = None
     spend: Spend | None = None  # prices, budgets in USD, the ledger
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from extproc.config.model import GatewayConfig, Route
 from extproc.render import tls
 from extproc.render.common import (
+    ACCESSLOG_CLUSTER,
     EXTPROC_CLUSTER,
     HTTP_OPTIONS,
-    METERING_CLUSTER,
     Json,
     cluster_name,
     is_ip,
@@ -74,6 +74,6 @@ def extproc_cluster(config: GatewayConfig, name: str = EXTPROC_CLUSTER) -> Json:
 def clusters(config: GatewayConfig) -> list[Json]:
     out = [route_cluster(route, config) for route in config.routes]
     out.append(extproc_cluster(config))  # any route may have a gateway key to check
-    if config.metering:
-        out.append(extproc_cluster(config, METERING_CLUSTER))
+    if config.metering:  # the access-log service, on the same processor
+        out.append(extproc_cluster(config, ACCESSLOG_CLUSTER))
     return out

@@ -37,9 +37,9 @@ def cluster_name(route_name: str) -> str:
 
 
 EXTPROC_CLUSTER = "extproc"
-# The observing filter's own cluster (same processor): its streams, which last as long as
-# the responses they watch, can never take the decisions' circuit-breaker slots.
-METERING_CLUSTER = "extproc_metering"
+# The access-log service's own cluster (same processor): its long-lived streams never
+# take the decisions' circuit-breaker slots.
+ACCESSLOG_CLUSTER = "extproc_accesslog"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
-METERING_FILTER = "credential_gateway.metering"  # a second ext_proc filter, observing only
+METERING_FILTER = "credential_gateway.metering"  # the Lua filter counting usage
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

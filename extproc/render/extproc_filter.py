@@ -14,10 +14,10 @@ from extproc.config.model import (
     FailureMode,
     GatewayConfig,
 )
+from extproc.render import metering
 from extproc.render.common import (
     EXTPROC_CLUSTER,
     EXTPROC_FILTER,
-    METERING_CLUSTER,
     METERING_FILTER,
     Json,
     seconds,
@@ -93,42 +93,13 @@ def http_filter(config: GatewayConfig) -> Json:
     return {"name": EXTPROC_FILTER, "typed_config": filter_config}
 
 
-def metering_filter(config: GatewayConfig) -> Json:
-    """The observer: request headers, response headers and body go to the processor as they
-    pass, in observability mode, so Envoy never waits for it and never changes a byte.
-
-    It gets the decision's dynamic metadata (who paid, the gateway client) and only the
-    headers it needs; a failure to reach the processor never fails the request.
-    """
-    filter_config = typed(
-        _EXT_PROC + "ExternalProcessor",
-        grpc_service={"envoy_grpc": {"cluster_name": METERING_CLUSTER}},
-        observability_mode=True,
-        # The processor ends the call once it has seen the response's end; this only bounds
-        # a stream whose end never comes (Envoy's default keeps it 5 s).
-        deferred_close_timeout="1s",
-        failure_mode_allow=True,
-        processing_mode={
-            "request_header_mode": "SEND",
-            "response_header_mode": "SEND",
-            "request_body_mode": "NONE",
-            "response_body_mode": "STREAMED",
-            "request_trailer_mode": "SKIP",
-            "response_trailer_mode": "SKIP",
-        },
-        request_attributes=["xds.route_name"],
-        forward_rules={
-            "allowed_headers": {
-                "patterns": [{"exact": name} for name in (":path", ":status", "content-type")]
-            }
-        },
-        metadata_options={"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-        stat_prefix="metering",
-    )
-    return {"name": METERING_FILTER, "typed_config": filter_config}
-
-
 def disabled_for_route(*filters: str) -> Json:
-    """``typed_per_filter_config`` that turns ``filters`` (default: both) off for one route."""
+    """``typed_per_filter_config`` that turns ``filters`` (default: the decision and the
+    metering filters) off for one route."""
     names = filters or (EXTPROC_FILTER, METERING_FILTER)
-    return {name: typed(_EXT_PROC + "ExtProcPerRoute", disabled=True) for name in names}
+    return {
+        name: metering.disabled()
+        if name == METERING_FILTER
+        else typed(_EXT_PROC + "ExtProcPerRoute", disabled=True)
+        for name in names
+    }

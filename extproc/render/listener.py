@@ -11,7 +11,7 @@ Timeouts leave long SSE responses alone: only idle streams are cut.
 from __future__ import annotations
 
 from extproc.config.model import METADATA_NAMESPACE, GatewayConfig
-from extproc.render import extproc_filter, routes, tls
+from extproc.render import extproc_filter, metering, routes, tls
 from extproc.render.common import Json, seconds, socket_address, typed
 
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -39,9 +39,12 @@ ACCESS_LOG_FIELDS = {
 }
 
 
-def _access_log() -> list[Json]:
+def _access_log(config: GatewayConfig) -> list[Json]:
+    """The JSON line on stdout (with the token counts when metering), and with metering the
+    gRPC entry for the processor."""
+    fields = ACCESS_LOG_FIELDS | (metering.USAGE_LOG_FIELDS if config.metering else {})
     fmt = {
-        "json_format": ACCESS_LOG_FIELDS,
+        "json_format": fields,
         "formatters": [
             {
                 "name": "envoy.formatter.req_without_query",
@@ -51,14 +54,13 @@ def _access_log() -> list[Json]:
             }
         ],
     }
-    return [
-        {
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": typed(
-                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=fmt
-            ),
-        }
-    ]
+    stdout = {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": typed(
+            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=fmt
+        ),
+    }
+    return [stdout, metering.grpc_access_log(config)] if config.metering else [stdout]
 
 
 def _status_filter(op: str, code: int) -> Json:
@@ -110,8 +112,8 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
     listener = config.listener
     # The decision filter is always there: any route may have a gateway key to check.
     filters = [extproc_filter.http_filter(config)]
-    if config.metering:
-        filters.append(extproc_filter.metering_filter(config))
+    if config.metering:  # on the response path, next to the router: counts what it sends
+        filters.append(metering.lua_filter())
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -138,7 +140,7 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
         max_request_headers_kb=listener.max_request_headers_kb,
         stream_idle_timeout=seconds(listener.stream_idle_timeout_s),
         request_headers_timeout="10s",
-        access_log=_access_log(),
+        access_log=_access_log(config),
         local_reply_config=_local_replies(),
         http_filters=filters,
         **(

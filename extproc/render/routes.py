@@ -22,7 +22,7 @@ from extproc.config.model import (
     GatewayConfig,
     Route,
 )
-from extproc.render import extproc_filter
+from extproc.render import extproc_filter, metering
 from extproc.render.common import EXTPROC_FILTER, METERING_FILTER, Json, cluster_name, seconds
 
 # Envoy joins repeated headers with ',' before matching. A value with a character
@@ -167,6 +167,8 @@ def _no_trace() -> Json:
 
 def route_config(config: GatewayConfig) -> Json:
     routes = [r for route in config.routes for r in _routes_for(route, config.extproc.fast_path)]
+    if config.metering:
+        metering.identity_upstream(routes)
     table: Json = {
         "name": "gateway",
         "virtual_hosts": [

@@ -20,7 +20,7 @@ from extproc.config.model import ExtprocSettings
 from extproc.server import unixsocket
 from extproc.server.calls import Services
 from extproc.server.lifecycle import Hooks
-from extproc.server.servicer import ExternalProcessor
+from extproc.server.servicer import AccessLogService, ExternalProcessor
 
 log = logging.getLogger("extproc")
 
@@ -44,7 +44,9 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="extproc"),
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
-    server.add_generic_rpc_handlers([ExternalProcessor(services).handler()])
+    server.add_generic_rpc_handlers(
+        [ExternalProcessor(services).handler(), AccessLogService(services).handler()]
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     return server
 

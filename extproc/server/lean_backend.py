@@ -1,4 +1,5 @@
-"""The default processor server: ext_proc and gRPC health on ``h2server``, in one asyncio loop.
+"""The default processor server: ext_proc, Envoy's access-log service (usage records) and
+gRPC health on ``h2server``, in one asyncio loop.
 
 Every call is answered inside the callback that received its message, so the
 loop never waits on anything but the network; uvloop is used when installed.
@@ -11,6 +12,7 @@ import logging
 import signal
 from collections.abc import Callable
 
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
@@ -18,14 +20,16 @@ from grpc_health.v1 import health_pb2
 from extproc.config.model import ExtprocSettings
 from extproc.policy.processor import MalformedRequest
 from extproc.server import unixsocket
-from extproc.server.calls import SERVICE_NAME, ProcessCall, Services
-from extproc.server.h2server import GrpcServer, Limits, Method, Opener, Reply
+from extproc.server.calls import ACCESS_LOG_SERVICE, SERVICE_NAME, Services, decide
+from extproc.server.h2server import Call, GrpcServer, Limits, Method, Opener, Reply
 from extproc.server.lifecycle import Hooks
 
 log = logging.getLogger("extproc")
 PROCESS_PATH = f"/{SERVICE_NAME}/Process".encode()
+ACCESS_LOG_PATH = f"/{ACCESS_LOG_SERVICE}/StreamAccessLogs".encode()
 HEALTH_CHECK_PATH = b"/grpc.health.v1.Health/Check"
 INVALID_ARGUMENT, NOT_FOUND = 3, 5
+_LOGS_RECEIVED = als_pb2.StreamAccessLogsResponse().SerializeToString()
 
 
 class Health:
@@ -52,26 +56,32 @@ class Health:
         return health_pb2.HealthCheckResponse(status=status).SerializeToString(), 0, ""
 
 
-def process_opener(services: Services) -> Opener:
-    """ExternalProcessor/Process: answer each message; end a decision after the request headers."""
+def process_method(services: Services) -> Method:
+    """ExternalProcessor/Process: answer each message; end the call after the request headers."""
     parse = ext_proc.ProcessingRequest.FromString
 
-    def opener() -> tuple[Method, Callable[[], None]]:
-        call = ProcessCall(services)
+    def on_message(message: bytes) -> Reply:
+        try:
+            answer = decide(services, parse(message))
+        except (DecodeError, MalformedRequest) as exc:
+            return None, INVALID_ARGUMENT, str(exc)
+        # Any other exception (a bug) fails this call only: the server's one place for it.
+        return answer.payload, (0 if answer.final else None), ""
 
-        def on_message(message: bytes) -> Reply:
-            try:
-                answer = call.handle(parse(message))
-            except (DecodeError, MalformedRequest) as exc:
-                return None, INVALID_ARGUMENT, str(exc)
-            # Any other exception (a bug) fails this call only: the server's one place for it.
-            if answer is None:  # observed: Envoy waits for nothing; end once the response did
-                return None, (0 if call.finished else None), ""
-            return answer.payload, (0 if answer.final else None), ""
+    return on_message
 
-        return on_message, call.end
 
-    return opener
+def access_log_opener(services: Services) -> Opener:
+    """AccessLogService/StreamAccessLogs (client-streaming): each message is a batch of usage
+    records, read at once; the one (empty) answer when Envoy ends its side."""
+    meter = services.meter()
+
+    def on_message(message: bytes) -> Reply:
+        meter.batch(services.source.policy, message)
+        return None, None, ""
+
+    call = Call(on_message, on_client_end=lambda: (_LOGS_RECEIVED, None, ""))
+    return lambda: call
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -98,9 +108,9 @@ def run(
         memory_budget=settings.memory_budget_mb << 20,
     )
     server = GrpcServer(
-        {HEALTH_CHECK_PATH: health.check},
+        {HEALTH_CHECK_PATH: health.check, PROCESS_PATH: process_method(services)},
         limits,
-        openers={PROCESS_PATH: process_opener(services)},
+        openers={ACCESS_LOG_PATH: access_log_opener(services)},
     )
     try:
         if settings.socket is not None:

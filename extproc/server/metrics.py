@@ -10,6 +10,7 @@ its last values leave the sum at once.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,7 +19,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from extproc.config.model import Endpoint
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import Answer
-from extproc.usage.parse import Usage
+from extproc.usage.record import UsageRecord
+
+_MODEL = re.compile(r"^[A-Za-z0-9._:@/-]{1,80}$")  # a model as a label: bounded, printable
 
 
 class Metrics:
@@ -65,10 +68,11 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._usage_children: dict[tuple[int | str, ...], Counter] = {}
         self.usage_requests = Counter(
             "gateway_usage_requests",
-            "Responses observed on metered routes, by who paid and whether the provider "
-            "reported token usage (tokens: known or unknown, never guessed).",
+            "Usage records of finished requests on metered routes, by who paid and whether the "
+            "provider reported token usage (tokens: known or unknown, never guessed).",
             ["route", "client", "credential_source", "model", "tokens"],
             registry=self.registry,
         )
@@ -76,6 +80,23 @@ class Metrics:
             "gateway_usage_tokens",
             "Tokens the provider reported, by type (input, output, cache_creation, cache_read).",
             ["route", "client", "credential_source", "model", "type"],
+            registry=self.registry,
+        )
+        self.usage_incomplete = Counter(
+            "gateway_usage_incomplete",
+            "Streams cut before their final usage: input and cache as reported, output as seen.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.usage_unreadable = Counter(
+            "gateway_usage_records_unreadable",
+            "Access-log entries (or batches) from Envoy that could not be read as usage records.",
+            registry=self.registry,
+        )
+        self.usage_meter_errors = Counter(
+            "gateway_usage_meter_errors",
+            "Responses on which Envoy's Lua meter failed (the response passed; its usage from "
+            "there on is not counted).",
             registry=self.registry,
         )
         self.limits_store_up = Gauge(
@@ -96,12 +117,37 @@ class Metrics:
             registry=self.registry,
         )
 
-    def usage(self, route: str, client: str, source: str, model: str, usage: Usage) -> None:
-        """One observed response (a ``UsageSink``)."""
-        known = "known" if usage.known else "unknown"
-        self.usage_requests.labels(route, client, source, model, known).inc()
-        for kind, count in usage.by_type().items():
-            self.usage_tokens.labels(route, client, source, model, kind).inc(count)
+    def usage(self, record: UsageRecord) -> None:
+        """One finished request's usage record."""
+        model = record.model if _MODEL.match(record.model) else "unknown"
+        labels = (record.route, record.client, record.credential_source, model)
+        known = "known" if record.known else "unknown"
+        self._usage_child(self.usage_requests, (*labels, known)).inc()
+        kinds = (
+            ("input", record.input),
+            ("output", record.output),
+            ("cache_creation", record.cache_creation),
+            ("cache_read", record.cache_read),
+        )
+        for kind, count in kinds:
+            if count:
+                self._usage_child(self.usage_tokens, (*labels, kind)).inc(count)
+        if not record.complete:
+            self.usage_incomplete.labels(record.route).inc()
+
+    def _usage_child(self, counter: Counter, labels: tuple[str, ...]) -> Counter:
+        """``labels()`` is a locked lookup: children are cached, as for decisions."""
+        key: tuple[int | str, ...] = (id(counter), *labels)
+        child = self._usage_children.get(key)
+        if child is None:
+            child = self._usage_children[key] = counter.labels(*labels)
+        return child
+
+    def unreadable(self, count: int) -> None:
+        self.usage_unreadable.inc(count)
+
+    def meter_errors(self, count: int) -> None:
+        self.usage_meter_errors.inc(count)
 
     def store_synced(self, ok: bool, lost: int) -> None:
         """One limits-store sync (or, with ``store: memory``, the one report that all is well)."""

@@ -1,33 +1,27 @@
-"""One observed response: who paid, for what model, how many tokens.
+"""Usage records into the metrics, the limits and the sinks, one batch at a time.
 
-Envoy's second ext_proc filter runs in observability mode on metered routes:
-it sends the request headers (with the decision's dynamic metadata), the
-response headers and the response body as they pass, and never waits for an
-answer, so no byte to the client waits on this. ``MeterStream`` follows one
-such gRPC stream and reports once, when it ends (a response cut by the client
-ends it too, with what was seen so far).
+Envoy counts the tokens (its Lua meter) and sends one access-log entry per finished
+request; ``Meter.batch`` reads a ``StreamAccessLogsMessage`` into ``UsageRecord``s and
+hands them on. Requests in flight (for concurrency limits) start at the decision
+(``started``) and end when their record arrives: the same rule decides both, so a count
+taken is always given back (unless the record is lost: see the README's "Loss").
 """
 
 from __future__ import annotations
 
-import re
+import logging
+from collections.abc import Sequence
 from typing import Protocol
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf.message import DecodeError
 
-from extproc.config.model import METADATA_NAMESPACE, ErrorStyle, Limit
+from extproc.config.model import Limit
 from extproc.policy.compiled import Policy
-from extproc.policy.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE
-from extproc.usage.parse import Endpoint, Usage, UsageReader, endpoint
+from extproc.usage.record import UsageRecord
+from extproc.usage.records import RecordSink, UnreadableEntry, meter_failed, record
 
-_MODEL = re.compile(r"^[A-Za-z0-9._:@/-]{1,80}$")  # a metric label: bounded, printable
-
-
-class UsageSink(Protocol):
-    """Where finished usage goes (the processor's Prometheus metrics)."""
-
-    def usage(self, route: str, client: str, source: str, model: str, usage: Usage) -> None: ...
+log = logging.getLogger("extproc.usage")
 
 
 class Charges(Protocol):
@@ -40,81 +34,77 @@ class Charges(Protocol):
     def charge(self, client: str, limit: Limit, tokens: int) -> None: ...
 
 
-class MeterStream:
-    """Follows one observability-mode ext_proc stream; ``end`` reports it exactly once."""
+class UsageMetrics(Protocol):
+    def usage(self, record: UsageRecord) -> None: ...
 
-    __slots__ = (
-        "_charges", "_client", "_counting", "_done", "_endpoint", "_limit", "_reader", "_route",
-        "_sink", "_source", "_style",
-    )  # fmt: skip
+    def unreadable(self, count: int) -> None: ...
 
-    def __init__(self, sink: UsageSink, charges: Charges | None) -> None:
-        self._sink = sink
+    def meter_errors(self, count: int) -> None: ...
+
+
+def in_flight_counted(policy: Policy, client: str) -> bool:
+    """A request the organisation pays for, by a client with a concurrency limit."""
+    return (
+        bool(client)
+        and policy.limits is not None
+        and (policy.limits.for_client(client).concurrent is not None)
+    )
+
+
+def started(policy: Policy, charges: Charges | None, client: str) -> None:
+    """A decision spent the organisation's key for ``client``: one more in flight."""
+    if charges is not None and in_flight_counted(policy, client):
+        charges.started(client)
+
+
+class Meter:
+    """Reads batches of access-log entries; every record goes to the metrics, the limits and
+    each sink. An entry that cannot be read is counted, never raised."""
+
+    def __init__(
+        self, metrics: UsageMetrics, charges: Charges | None, sinks: Sequence[RecordSink] = ()
+    ) -> None:
+        self._metrics = metrics
         self._charges = charges
-        self._route = ""  # empty: not a route the policy knows, nothing to report
-        self._client = ""
-        self._source = "client"
-        self._style = ErrorStyle.ANTHROPIC
-        self._endpoint = Endpoint.OTHER
-        self._reader: UsageReader | None = None
-        self._counting = False
-        self._done = False
-        self._limit: Limit | None = None  # the client's limit, when it spends our key
+        self._sinks = tuple(sinks)
 
-    def on_message(self, policy: Policy, request: ext_proc.ProcessingRequest) -> None:
-        phase = request.WhichOneof("request")
-        if phase == "request_headers":
-            self._request(policy, request)
-        elif phase == "response_headers" and self._route:
-            self._response(request.response_headers.headers)
-        elif phase == "response_body" and self._reader is not None:
-            self._reader.feed(request.response_body.body)
-
-    def end(self) -> None:
-        """The stream is over (ended, finished or reset): report what was seen."""
-        if self._done:
+    def batch(self, policy: Policy, message: bytes) -> None:
+        try:
+            entries = als_pb2.StreamAccessLogsMessage.FromString(message).http_logs.log_entry
+        except DecodeError:
+            self._metrics.unreadable(1)
             return
-        self._done = True
-        if self._counting and self._charges is not None:
-            self._charges.finished(self._client)
-        if not self._route:
+        found: list[UsageRecord] = []
+        unreadable = failed = 0
+        for entry in entries:
+            try:
+                one = record(policy, entry)
+            except UnreadableEntry:
+                unreadable += 1
+                continue
+            failed += meter_failed(entry)
+            if one is not None:
+                found.append(one)
+        if unreadable:
+            self._metrics.unreadable(unreadable)
+        if failed:
+            self._metrics.meter_errors(failed)
+        for one in found:
+            self._metrics.usage(one)
+            self._limits(policy, one)
+        for sink in self._sinks:
+            try:
+                sink.records(found)
+            except Exception:  # one sink's bug must not cost the others (or this stream)
+                log.exception("a usage sink failed on a batch of %d records", len(found))
+
+    def _limits(self, policy: Policy, one: UsageRecord) -> None:
+        charges = self._charges
+        if charges is None or not one.charged or not one.client:
             return
-        usage = self._reader.finish() if self._reader is not None else Usage()
-        model = usage.model if _MODEL.match(usage.model) else ("other" if usage.model else "")
-        self._sink.usage(self._route, self._client, self._source, model or "unknown", usage)
-        if self._limit is not None and self._charges is not None:
-            self._charges.charge(self._client, self._limit, usage.total)
-
-    def _request(self, policy: Policy, request: ext_proc.ProcessingRequest) -> None:
-        envoy_name = request.attributes[ATTRIBUTES_KEY].fields[ROUTE_ATTRIBUTE].string_value
-        route = policy.routes.get(envoy_name)
-        if route is None:
-            return
-        self._route, self._style = route.name, route.style
-        fields = request.metadata_context.filter_metadata[METADATA_NAMESPACE].fields
-        # No decision metadata: Envoy's fast path passed a client's own credential.
-        self._source = fields["credential_source"].string_value or "client"
-        self._client = fields["client"].string_value
-        path = _header(request.request_headers.headers, ":path")
-        self._endpoint = endpoint(self._style, path)
-        if self._source == "injected" and self._client and policy.limits is not None:
-            limit = policy.limits.for_client(self._client)
-            # Count only what a limit reads: no store keys for clients without one.
-            self._limit = limit if limit.tokens is not None else None
-            if limit.concurrent is not None and self._charges is not None:
-                self._charges.started(self._client)
-                self._counting = True
-
-    def _response(self, headers: base_pb2.HeaderMap) -> None:
-        if self._endpoint is Endpoint.OTHER or _header(headers, ":status") != "200":
-            return
-        streaming = "text/event-stream" in _header(headers, "content-type")
-        self._reader = UsageReader(self._style, streaming)
-
-
-def _header(headers: base_pb2.HeaderMap, name: str) -> str:
-    for header in headers.headers:
-        if header.key == name:
-            value: bytes = header.raw_value
-            return value.decode("latin-1")
-    return ""
+        if in_flight_counted(policy, one.client):
+            charges.finished(one.client)
+        if policy.limits is not None:
+            limit = policy.limits.for_client(one.client)
+            if limit.tokens is not None:
+                charges.charge(one.client, limit, one.total_tokens)

@@ -46,7 +46,7 @@ from extproc.server.h2server import (
     GrpcServer,
 )
 from extproc.server.h2wire import HeaderDecoder
-from extproc.server.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_opener
+from extproc.server.lean_backend import HEALTH_CHECK_PATH, PROCESS_PATH, Health, process_method
 from extproc.server.metrics import Metrics
 
 
@@ -64,10 +64,8 @@ def lean(tmp_path: Path) -> Iterator[Running]:
     source, names = two_route_policy(tmp_path)
     health = Health()
     health.set("", True)
-    server = GrpcServer(
-        {HEALTH_CHECK_PATH: health.check},
-        openers={PROCESS_PATH: process_opener(Services(source, Metrics()))},
-    )
+    process = process_method(Services(source, Metrics()))
+    server = GrpcServer({HEALTH_CHECK_PATH: health.check, PROCESS_PATH: process})
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -717,19 +715,6 @@ def test_the_end_hook_runs_when_the_connection_is_lost(ends: tuple[int, list[str
     assert ended == []
     peer.close()
     _until(lambda: ended == ["end"])
-
-
-def test_an_observed_call_is_answered_with_nothing_and_ends_ok(lean: Running) -> None:
-    observed = [
-        pb.ProcessingRequest(
-            observability_mode=True, request_headers=headers_request(lean.route).request_headers
-        ),
-        pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(body=b"{}")),
-    ]
-    with grpc.insecure_channel(f"127.0.0.1:{lean.port}") as channel:
-        call = pb_grpc.ExternalProcessorStub(channel).Process(iter(observed))
-        assert list(call) == []
-        assert call.code() is grpc.StatusCode.OK
 
 
 def test_a_client_streaming_call_gets_one_answer_when_the_client_ends(

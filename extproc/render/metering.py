@@ -1,0 +1,293 @@
+"""Metering inside Envoy: a Lua filter counts the tokens a response reports as it streams, and
+Envoy's gRPC access-log service hands the processor one entry per request, in batches.
+
+The Lua filter runs on the response path of metered routes only. It reads each body chunk
+as it passes (``bodyChunks``: nothing is held or delayed), follows the JSON structure (SSE
+``event:``/``data:`` lines; strings, depth and keys inside the JSON), and writes what the
+provider reported into the stream's dynamic metadata (namespace ``USAGE_NAMESPACE``) the
+moment it is seen, so a cut stream keeps what came before the cut. Both access logs read
+it: the JSON line (the token fields) and the gRPC entry the processor turns into a
+``UsageRecord``. A Lua error is caught, marked (``error``) and never fails the response.
+"""
+
+from __future__ import annotations
+
+from extproc.config.model import GatewayConfig
+from extproc.render.common import (
+    ACCESSLOG_CLUSTER,
+    METERING_FILTER,
+    Json,
+    seconds,
+    typed,
+)
+
+USAGE_NAMESPACE = "credential_gateway.usage"
+SESSION_HEADER = "x-claude-code-session-id"
+ACCESSLOG_NAME = "credential_gateway"  # the identifier's log_name in every stream
+# The usage fields of the JSON access-log line, from the Lua filter's metadata.
+USAGE_LOG_FIELDS = {
+    "model": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:model)%",
+    "input_tokens": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:input)%",
+    "output_tokens": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:output)%",
+    "cache_read_tokens": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cache_read)%",
+    "cache_5m_tokens": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cache_5m)%",
+    "cache_1h_tokens": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:cache_1h)%",
+    "usage_partial": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:partial)%",
+}
+_BUFFER_BYTES = 65536  # Envoy's batch for one stream: flushed when full, or every flush_ms
+
+# The scanner. Carry: at most one unfinished SSE line (MAX_LINE); a longer line is skipped
+# (usage events are small). Capture: the usage object only (MAX_CAPTURE). Strings are kept
+# only at the depth being read, and only while short (MAX_STRING): keys and the model.
+LUA_SCRIPT = r"""
+local NS = "credential_gateway.usage"
+local MAX_LINE, MAX_CAPTURE, MAX_STRING = 65536, 8192, 256
+local find, sub, byte, match = string.find, string.sub, string.byte, string.match
+local concat = table.concat
+
+local function put(handle, key, value)
+  -- Fetched again for every write: objects taken before a yield of bodyChunks go stale.
+  handle:streamInfo():dynamicMetadata():set(NS, key, value)
+end
+
+local function count(u, key)
+  local v = match(u, '"' .. key .. '"%s*:%s*(%d+)')
+  return v and tonumber(v)
+end
+
+local function report(handle, state, u)
+  local prompt = count(u, "prompt_tokens")
+  if prompt then -- OpenAI: cached tokens are part of the prompt
+    local cached = count(u, "cached_tokens")
+    if cached and cached > prompt then cached = prompt end
+    put(handle, "input", prompt - (cached or 0))
+    if cached then put(handle, "cache_read", cached) end
+    local out = count(u, "completion_tokens")
+    if out then put(handle, "output", out) end
+    return
+  end
+  local v = count(u, "input_tokens")
+  if v then put(handle, "input", v) end
+  v = count(u, "output_tokens")
+  if v then put(handle, "output", v) end
+  v = count(u, "cache_read_input_tokens")
+  if v then put(handle, "cache_read", v) end
+  local m5, h1 = count(u, "ephemeral_5m_input_tokens"), count(u, "ephemeral_1h_input_tokens")
+  if m5 or h1 then
+    state.split = true
+    put(handle, "cache_5m", m5 or 0)
+    put(handle, "cache_1h", h1 or 0)
+  elseif not state.split then -- no split reported: the default cache lifetime, 5 minutes
+    v = count(u, "cache_creation_input_tokens")
+    if v then put(handle, "cache_5m", v) end
+  end
+end
+
+-- A JSON reader fed in pieces: finds "usage" (an object) and "model" (a string) as keys
+-- of the objects at depth `level`, never inside strings or deeper values.
+local function reader(level)
+  return {level = level, depth = 0, instr = false, esc = false, str = nil, size = 0,
+          key = nil, value = false, cap = nil, from = 1, capsize = 0}
+end
+
+local function on_string(j, text)
+  if j.value then
+    if j.key == "model" then j.model = text end
+    j.value = false
+  else
+    j.key = text
+  end
+end
+
+local function scan(j, s)
+  local pos, n = 1, #s
+  j.from = 1
+  while pos <= n do
+    if j.instr then
+      if j.esc then
+        j.esc = false
+        if j.str then j.str[#j.str + 1] = sub(s, pos, pos) end
+        pos = pos + 1
+      else
+        local i = find(s, '["\\]', pos)
+        if not i then
+          if j.str then
+            j.size = j.size + n - pos + 1
+            if j.size > MAX_STRING then j.str = nil else j.str[#j.str + 1] = sub(s, pos) end
+          end
+          pos = n + 1
+        elseif byte(s, i) == 92 then
+          if j.str then j.str[#j.str + 1] = sub(s, pos, i + 1) end
+          if i == n then j.esc = true end
+          pos = i + 2
+        else
+          j.instr = false
+          if j.str then
+            j.str[#j.str + 1] = sub(s, pos, i - 1)
+            on_string(j, concat(j.str))
+            j.str = nil
+          elseif j.depth == j.level then
+            j.value = false
+          end
+          pos = i + 1
+        end
+      end
+    else
+      local i = find(s, '[{}%[%]":,]', pos)
+      if not i then break end
+      local c = byte(s, i)
+      if c == 34 then
+        j.instr = true
+        if j.depth == j.level then j.str, j.size = {}, 0 end
+      elseif c == 123 or c == 91 then
+        if c == 123 and j.depth == j.level and j.value and j.key == "usage" and not j.done then
+          j.cap, j.from, j.capsize, j.capdepth = {}, i, 0, j.depth
+        end
+        if j.depth == j.level then j.value = false end
+        j.depth = j.depth + 1
+        if j.depth == j.level then j.key, j.value = nil, false end
+      elseif c == 125 or c == 93 then
+        j.depth = j.depth - 1
+        if j.cap and j.depth == j.capdepth then
+          j.cap[#j.cap + 1] = sub(s, j.from, i)
+          j.usage, j.cap, j.done = concat(j.cap), nil, true
+        end
+      elseif j.depth == j.level then
+        if c == 58 then j.value = true else j.key, j.value = nil, false end
+      end
+      pos = i + 1
+    end
+  end
+  if j.cap then
+    j.capsize = j.capsize + n - j.from + 1
+    if j.capsize > MAX_CAPTURE then j.cap = nil else j.cap[#j.cap + 1] = sub(s, j.from) end
+  end
+end
+
+local function event_data(handle, state, line, level)
+  local j = reader(level)
+  scan(j, line)
+  if j.model then put(handle, "model", j.model) end
+  if j.usage then report(handle, state, j.usage) end
+  return j.usage ~= nil
+end
+
+local function on_line(handle, state, buf, a, b)
+  if b >= a and byte(buf, b) == 13 then b = b - 1 end
+  if b < a then state.event = nil return end -- a blank line ends the event
+  local c = byte(buf, a)
+  if c == 101 and sub(buf, a, a + 5) == "event:" then
+    state.event = match(sub(buf, a + 6, b), "^%s*(.-)%s*$")
+  elseif c == 100 and sub(buf, a, a + 4) == "data:" then
+    local event = state.event
+    if event == "message_start" then
+      if event_data(handle, state, sub(buf, a + 5, b), 2) then put(handle, "partial", true) end
+    elseif event == "message_delta" then
+      if event_data(handle, state, sub(buf, a + 5, b), 1) then put(handle, "partial", false) end
+    elseif event == nil then -- OpenAI: no event names; a usage object only in the last
+      local u = state.next_usage
+      if u < a then
+        u = find(buf, '"usage"%s*:%s*{', a) or (#buf + 1)
+        state.next_usage = u
+      end
+      if u <= b then event_data(handle, state, sub(buf, a + 5, b), 1) end
+    end
+  end
+end
+
+local function sse(handle, state, chunk)
+  local buf = chunk
+  if state.carry then buf = state.carry .. chunk end
+  state.carry = nil
+  -- Where the next usage object starts, found when needed: data lines before it are skipped.
+  state.next_usage = 0
+  local pos = 1
+  while true do
+    local nl = find(buf, "\n", pos, true)
+    if not nl then break end
+    if state.skip then state.skip = false else on_line(handle, state, buf, pos, nl - 1) end
+    pos = nl + 1
+  end
+  if pos <= #buf and not state.skip then
+    if #buf - pos + 1 > MAX_LINE then state.skip = true else state.carry = sub(buf, pos) end
+  end
+end
+
+local function json(handle, state, chunk)
+  local j = state.json
+  if j.done then return end
+  scan(j, chunk)
+  if j.usage then
+    if j.model then put(handle, "model", j.model) end
+    report(handle, state, j.usage)
+  end
+end
+
+local function start(handle)
+  local headers = handle:headers()
+  if headers:get(":status") ~= "200" or headers:get("content-encoding") then return nil end
+  local kind = headers:get("content-type") or ""
+  if find(kind, "text/event-stream", 1, true) then return {feed = sse} end
+  if find(kind, "json", 1, true) then return {feed = json, json = reader(1)} end
+  return nil
+end
+
+local function failed(handle)
+  pcall(put, handle, "error", true)
+end
+
+function envoy_on_response(handle)
+  local ok, state = pcall(start, handle)
+  if not ok then failed(handle) return end
+  if state == nil then return end
+  for chunk in handle:bodyChunks() do
+    local fed = pcall(function() state.feed(handle, state, chunk:getBytes(0, chunk:length())) end)
+    if not fed then failed(handle) return end
+  end
+end
+"""
+
+
+def lua_filter() -> Json:
+    """The Lua filter in the chain; routes that are not metered turn it off."""
+    config = typed(
+        "envoy.extensions.filters.http.lua.v3.Lua",
+        default_source_code={"inline_string": LUA_SCRIPT},
+        stat_prefix="metering",
+    )
+    return {"name": METERING_FILTER, "typed_config": config}
+
+
+def disabled() -> Json:
+    return typed("envoy.extensions.filters.http.lua.v3.LuaPerRoute", disabled=True)
+
+
+def grpc_access_log(config: GatewayConfig) -> Json:
+    """One entry per request to the processor's AccessLogService, batched.
+
+    Envoy keeps one stream per worker thread and drops an entry (``logs_dropped``) when the
+    stream is backed up; the JSON line of the same request still has the counts.
+    """
+    common = {
+        "log_name": ACCESSLOG_NAME,
+        "grpc_service": {"envoy_grpc": {"cluster_name": ACCESSLOG_CLUSTER}},
+        "transport_api_version": "V3",
+        "buffer_flush_interval": seconds(config.metering_flush_ms / 1000),
+        "buffer_size_bytes": _BUFFER_BYTES,
+    }
+    logger = typed(
+        "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+        common_config=common,
+        additional_request_headers_to_log=[SESSION_HEADER],
+    )
+    return {"name": "envoy.access_loggers.http_grpc", "typed_config": logger}
+
+
+def identity_upstream(routes: list[Json]) -> None:
+    """Metered routes ask their upstream for identity encoding: a gzipped body hides usage.
+
+    (A response that comes compressed anyway is not read: its usage is unknown.)
+    """
+    for route in routes:
+        if "route" in route and METERING_FILTER not in route.get("typed_per_filter_config", {}):
+            route.setdefault("request_headers_to_remove", []).append("accept-encoding")
