@@ -95,9 +95,8 @@ class KeysFile:
 
     def write(self, text: str) -> None:
         """Replace the file with ``text`` atomically, keeping its mode."""
-        target = self.path.resolve() if self.path.exists() else self.path
         try:
-            write_atomic(target, text)
+            write_atomic(self.path.resolve(), text)  # through a symlink: the file it names
         except OSError as exc:
             raise KeysCommandError(
                 f"keys file {self.path} cannot be written: {exc.strerror}"

@@ -19,10 +19,11 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from extproc.config.load import load_config
-from extproc.config.model import ServerKind
+from extproc.config.model import GatewayConfig, ServerKind
 from extproc.config.sections import ConfigError
 from extproc.policy.secrets import SecretError
 from extproc.runtime.reload import PolicyHolder, watch
@@ -33,6 +34,8 @@ from extproc.server import grpcio_backend, lean_backend
 from extproc.server.calls import SERVICE_NAME, Services
 from extproc.server.lifecycle import Hooks
 from extproc.server.metrics import Metrics
+from extproc.spend.database import DatabaseError
+from extproc.spend.service import spend_for
 from extproc.usage.limiter import limiter_for
 
 log = logging.getLogger("extproc")
@@ -87,7 +90,15 @@ def _serve_one(
     except SecretError as exc:
         log.error("limits store password: %s", exc)
         return 2
-    services = Services(holder, metrics, limiter)
+    try:
+        spend = spend_for(config, metrics.registry)
+    except (DatabaseError, SecretError) as exc:
+        log.error("spend database: %s", exc)
+        return 2
+    sinks = (spend,) if spend is not None else ()
+    services = Services(holder, metrics, limiter, sinks=sinks, budgets=spend)
+    if spend is not None:
+        run.on_config = lambda loaded: spend.reconfigure(loaded.spend)  # budgets reload live
     hooks = Hooks(run.on_started, run.on_reload_signal, GRACE_SECONDS)
     health = run.health
     if isinstance(health, lean_backend.Health):
@@ -96,6 +107,8 @@ def _serve_one(
         code = grpcio_backend.run(settings, services=services, health=health, hooks=hooks)
     if limiter is not None:
         limiter.close()
+    if spend is not None:
+        spend.close()  # the last batch of records is written
     run.stopped()
     log.info("ext_proc stopped")
     return code
@@ -114,6 +127,7 @@ class _Run:
         target = holder.config.extproc.target
         self.record = ProcessorRecord(holder, target) if worker_dir is None else None
         self.stop = threading.Event()
+        self.on_config: Callable[[GatewayConfig], None] | None = None  # after each good load
         self.watcher = threading.Thread(
             target=watch, args=(holder, self.stop, self.reload), name="watch", daemon=True
         )
@@ -128,6 +142,8 @@ class _Run:
     def reload(self) -> bool:
         ok = self.holder.load()
         self.config_healthy()
+        if ok and self.on_config is not None and self.holder.config is not None:
+            self.on_config(self.holder.config)
         if self.worker_dir is not None:
             report_version(self.worker_dir, self.holder.policy.version)
         return ok

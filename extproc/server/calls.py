@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from extproc.policy.compiled import Policy
 from extproc.policy.decision import Outcome
+from extproc.policy.limits import BudgetAdmission
 from extproc.policy.processor import Answer, process
 from extproc.server.metrics import Metrics
 from extproc.usage import meter
@@ -43,6 +44,7 @@ class Services:
     metrics: Metrics
     limiter: Limiter | None = None
     sinks: tuple[RecordSink, ...] = ()
+    budgets: BudgetAdmission | None = None  # spend's budgets in USD (checked after the limits)
 
     def meter(self) -> meter.Meter:
         return meter.Meter(self.metrics, self.limiter, self.sinks)
@@ -52,7 +54,7 @@ def decide(services: Services, request: ext_proc.ProcessingRequest) -> Answer:
     """Answer one Process message; a request admitted on our key counts as in flight."""
     start = time.perf_counter()
     policy = services.source.policy
-    answer = process(policy, request, services.limiter)
+    answer = process(policy, request, services.limiter, services.budgets)
     if answer.outcome is not None:
         services.metrics.decided(answer, time.perf_counter() - start)
         if answer.outcome in _SPENDS:

@@ -6,16 +6,19 @@ with exit code 2; no output ever holds a key except the new one, printed once.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from extproc.cli import main
+from extproc.policy import keysfile
 from extproc.policy.access import Identity, KeyLine, key_digest, parse_line, read_keys
-from extproc.policy.keysfile import KeysFile, listing, parse_duration, parse_expiry
+from extproc.policy.keysfile import KeysFile, created, listing, parse_duration, parse_expiry
 
 A, B, C = "a" * 64, "ab" + "c" * 62, "ab" + "d" * 62  # B and C share the id prefix "ab"
 FILE = f"# the team's keys\nalice sha256:{A} teams=ml  # laptop\n\nbob sha256:{B}\n"
@@ -309,7 +312,7 @@ def test_keygen_without_a_file_prints_a_line_with_the_options(
 
 @pytest.mark.parametrize(
     ("where", "reason"),
-    [("missing/dir/keys.txt", "No such file or directory"), (".", "Is a directory")],
+    [("missing/dir/keys.txt", "cannot be written: No such file or directory"), (".", "")],
 )
 def test_keygen_append_where_it_cannot_is_one_line_without_traceback(
     tmp_path: Path, where: str, reason: str
@@ -320,7 +323,8 @@ def test_keygen_append_where_it_cannot_is_one_line_without_traceback(
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and reason in result.stderr
+    assert result.stderr.startswith(f"keys file {target} ") and reason in result.stderr
+    assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr and "gk-" not in result.stderr
 
 
@@ -345,3 +349,83 @@ def test_an_expiry_is_a_duration_from_now_or_a_time() -> None:
     now = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
     assert parse_expiry("90d", now) == now + timedelta(days=90)
     assert parse_expiry("2027-01-01T01:00:00+01:00", now) == datetime(2027, 1, 1, tzinfo=UTC)
+
+
+# -- what mutation testing asked for ----------------------------------------------------
+
+
+def test_rotate_writes_the_lines_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"alice sha256:{A}  # laptop # 2026\nalice sha256:{B}\n")
+    code, out, _ = run(
+        capsys, "keys", "rotate", str(path), "alice", "--overlap", "0", "--expires", "2027-01-01"
+    )
+    key = printed_key(out)
+    old, older, new = path.read_text().splitlines()
+    assert code == 0 and old.endswith("Z  # laptop # 2026") and "#" not in older
+    today = datetime.now(UTC).date().isoformat()
+    assert new == f"alice sha256:{key_digest(key)} created={today} expires=2027-01-01T00:00:00Z"
+
+
+def test_a_file_that_cannot_be_written_is_one_line_and_no_temp_file_is_left(
+    keys: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = keys.read_bytes()
+
+    def refuse(source: str, target: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(keysfile.os, "replace", refuse)
+    code, out, err = run(capsys, "keys", "add", str(keys), "carol")
+    assert (code, out, keys.read_bytes()) == (2, "", before)
+    assert err == f"keys file {keys} cannot be written: Permission denied\n"
+    assert sorted(p.name for p in keys.parent.iterdir()) == ["keys.txt"]
+
+
+def test_the_temp_file_is_hidden_beside_the_keys_file(
+    keys: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renamed: list[tuple[Path, Path]] = []
+    replace = os.replace
+
+    def spy(source: str, target: Path) -> None:
+        renamed.append((Path(source), Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(keysfile.os, "replace", spy)
+    assert run(capsys, "keys", "add", str(keys), "carol")[0] == 0
+    [(source, target)] = renamed
+    assert source.parent == target.parent == keys.parent
+    assert source.name.startswith(".keys.txt.") and target == keys
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o027, 0o640), (0, 0o666)])
+def test_a_new_file_gets_the_umasks_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], umask: int, mode: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        assert run(capsys, "keys", "add", str(tmp_path / "keys"), "carol")[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "keys").stat().st_mode & 0o7777 == mode
+
+
+def test_listing_shows_every_team_and_a_dash_for_what_is_absent() -> None:
+    keys = KeysFile(
+        Path("k"), (), {0: parse("alice", "teams=ml,data"), 1: parse_line(f"bob sha256:{B}")}
+    )
+    rows = listing(keys, datetime(2027, 1, 1, tzinfo=UTC))
+    assert [row[2:] for row in rows] == [("-", "never", "data,ml"), ("-", "never", "-")]
+
+
+def test_created_is_the_utc_date_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert created(datetime(2026, 12, 7, 20, tzinfo=UTC)) == "2026-12-07"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
