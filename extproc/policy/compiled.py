@@ -32,6 +32,9 @@ from extproc.policy.decision import Outcome, RouteRule
 from extproc.policy.limits import LimitTable, Refusal
 from extproc.policy.secrets import Secret, SecretError, read_secret
 
+_NO_KEY = (Outcome.DENIED, Outcome.NO_CREDENTIAL)  # a 401 saying how to send a gateway key
+_REFUSALS = frozenset({Outcome.REJECTED, Outcome.REFUSED, Outcome.EXPIRED, *_NO_KEY})
+
 
 class RouteAnswers:
     """One route's answer bodies by (outcome, headers removed), and its metadata fields.
@@ -45,7 +48,7 @@ class RouteAnswers:
         self._value = value  # the formatted credential, e.g. "Bearer <key>"; None: no secret
         self._fields = {o: responses.metadata_fields(route.name, o) for o in Outcome}
         self._bodies: dict[tuple[Outcome, tuple[str, ...]], bytes] = {}
-        for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY, Outcome.DENIED):
+        for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY, *_NO_KEY):
             self.body(outcome, ())
         self.body(Outcome.INJECTED if value else Outcome.REJECTED, ())
 
@@ -70,7 +73,7 @@ class RouteAnswers:
         if outcome in (Outcome.INJECTED, Outcome.REPLACED):
             assert credential is not None and self._value is not None
             return responses.mutate(credential.header, self._value.reveal(), remove)
-        if outcome in (Outcome.REJECTED, Outcome.REFUSED, Outcome.DENIED, Outcome.EXPIRED):
+        if outcome in _REFUSALS:
             message = _rejection_message(self._route, outcome)
             return responses.reject(outcome, self._route.error_style, message)
         return responses.mutate(None, b"", remove) if remove else responses.pass_through()
@@ -207,11 +210,16 @@ def _rejection_message(route: Route, outcome: Outcome) -> str:
     """The 401's text for ``outcome``, telling the client what to send."""
     credential = route.credential
     hint = " or ".join(credential.client_credentials if credential else ())
-    if outcome is Outcome.DENIED:
+    if outcome in _NO_KEY:
         if route.access is None:
             return f"Gateway keys are not accepted on route '{route.name}'."
+        what = (
+            "No gateway key"
+            if outcome is Outcome.NO_CREDENTIAL
+            else "Missing or invalid gateway key"
+        )
         return (
-            "Missing or invalid gateway key: send yours as x-api-key, as "
+            f"{what}: send yours as x-api-key, as "
             f"'Authorization: Bearer <key>' or in the {route.access.header} header."
         )
     if outcome is Outcome.EXPIRED:

@@ -16,7 +16,8 @@ a table. The rule:
    by the server's (``replace_client``) or is REFUSED (``reject_client``).
 3. Spending the server's credential needs a valid gateway key where the route
    has keys (a client's own credential needs one only with
-   ``for_client_credentials``); otherwise DENIED. Injecting drops the blank
+   ``for_client_credentials``); otherwise DENIED, or NO_CREDENTIAL when the
+   request carried no key and no credential of its own at all. Injecting drops the blank
    and placeholder credential headers, so the upstream sees only the server's;
    with no server credential the request is REJECTED (401).
 """
@@ -43,7 +44,8 @@ class Outcome(Enum):
     FORWARDED = "forwarded"  # a route without a server credential, and no client credential
     REJECTED = "rejected"  # a credential was needed and none could be used: 401
     REFUSED = "refused"  # the route takes only the server's credential, the client sent one: 401
-    DENIED = "denied"  # gateway key missing or invalid: 401
+    DENIED = "denied"  # gateway key missing or invalid, while something else was sent: 401
+    NO_CREDENTIAL = "no_credential"  # a key was needed and nothing at all was sent: 401
     EXPIRED = "expired"  # a valid gateway key past its expiry (checked by the processor): 401
     LIMITED = "limited"  # the client is over a limit on the organisation's key: 429
     UNKNOWN_ROUTE = "unknown_route"  # Envoy named a route the processor does not know: 503
@@ -76,8 +78,9 @@ def token_of(name: str, value: bytes) -> bytes:
 def gateway_key(value: bytes) -> bytes | None:
     """The gateway key a credential header carries: None for none, b"" for a malformed one.
 
-    A value is taken for a gateway key as Envoy's route table takes it: any comma-separated
-    part whose first or second word starts with ``gk-``. Only ``gk-…`` alone or after one
+    A value is taken for a gateway key when any comma-separated part's first or second
+    word starts with ``gk-`` (Envoy's route table sends every value containing ``gk-`` here,
+    a superset). Only ``gk-…`` alone or after one
     scheme word (``Bearer gk-…``) is a well-formed key; anything else with ``gk-`` in those
     places (``gk-key extra``, ``sk-own,gk-key``) is malformed: it is never a client's own
     credential, and never valid.
@@ -170,8 +173,9 @@ def decide(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> Decision:
     # credential. One in the access header only when needed (Envoy strips that header).
     if seen.keyed or _needs_key(rule, seen.paying is not None):
         found = _identify(rule.keys, seen.presented)
-        if found is None:
-            return Decision(Outcome.DENIED)
+        if found is None:  # nothing at all (Claude Code's HEAD at start-up) is not a bad key
+            nothing = not seen.presented and seen.paying is None
+            return Decision(Outcome.NO_CREDENTIAL if nothing else Outcome.DENIED)
         who = (found.name, found.expires, found.teams)
     if seen.paying is not None and rule.mode.client_passes:
         return Decision(seen.paying, _sorted(seen.keyed, rule.header, inject=False), *who)

@@ -15,6 +15,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.type.v3 import http_status_pb2
 
+from extproc.config import errors
+from extproc.config.errors import AUTHENTICATION, RATE_LIMIT, UNAVAILABLE, ErrorKind
 from extproc.config.model import METADATA_NAMESPACE, ErrorStyle
 from extproc.policy.decision import Outcome
 from extproc.policy.limits import Refusal
@@ -96,7 +98,7 @@ def reject(outcome: Outcome, style: ErrorStyle, message: str) -> bytes:
     """A 401 from the gateway itself, in the provider's error shape; no upstream call.
 
     No headers are set here (the mutation rules allow credential headers only);
-    Envoy's local-reply config marks 401 bodies as JSON.
+    Envoy's local-reply config sends every processor answer's body as JSON.
     """
     answer = ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
@@ -109,24 +111,9 @@ def reject(outcome: Outcome, style: ErrorStyle, message: str) -> bytes:
     return serialised
 
 
-# The error kinds the gateway answers with, as each provider's SDKs name them:
-# (Anthropic error.type, OpenAI error.type, OpenAI error.code).
-AUTHENTICATION = ("authentication_error", "invalid_request_error", "invalid_api_key")
-RATE_LIMIT = ("rate_limit_error", "requests", "rate_limit_exceeded")
-UNAVAILABLE = ("overloaded_error", "server_error", "service_unavailable")
-
-
-def error_body(
-    style: ErrorStyle, message: str, kind: tuple[str, str, str] = AUTHENTICATION
-) -> bytes:
+def error_body(style: ErrorStyle, message: str, kind: ErrorKind = AUTHENTICATION) -> bytes:
     """A JSON error body in the shape the provider's SDKs parse."""
-    if style is ErrorStyle.OPENAI:
-        body: dict[str, object] = {
-            "error": {"message": message, "type": kind[1], "param": None, "code": kind[2]}
-        }
-    else:
-        body = {"type": "error", "error": {"type": kind[0], "message": message}}
-    return json.dumps(body).encode()
+    return json.dumps(errors.error_json(style, message, kind)).encode()
 
 
 def limited(style: ErrorStyle, refusal: Refusal) -> bytes:
@@ -153,11 +140,13 @@ def unknown_route() -> bytes:
 
     The processor only runs on credential routes, so this means Envoy and the
     processor disagree about the config (e.g. mid-rollout): never guess a key.
-    Envoy's local-reply config gives the body its JSON shape.
+    The route (so its provider) is unknown here: the body suits both providers' SDKs.
     """
+    message = "The gateway is switching to a new config; retry shortly."
     answer = ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
+            body=json.dumps(errors.any_style_json(message, UNAVAILABLE)).encode(),
             details="credential_gateway_unknown_route",
         )
     )

@@ -11,7 +11,7 @@ Timeouts leave long SSE responses alone: only idle streams are cut.
 from __future__ import annotations
 
 from extproc.config.model import METADATA_NAMESPACE, GatewayConfig
-from extproc.render import extproc_filter, metering, routes, tls
+from extproc.render import extproc_filter, local_replies, metering, routes, tls
 from extproc.render.common import Json, seconds, socket_address, typed
 
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -54,56 +54,39 @@ def _access_log(config: GatewayConfig) -> list[Json]:
             }
         ],
     }
-    stdout = {
+    # Who paid: the processor's answer says so; where Envoy skipped the processor (the fast
+    # path) the route does. Two loggers, one per case (a metadata lookup each), one line each.
+    skipped = fmt | {"json_format": fields | {"credential_source": _ROUTE_SOURCE}}
+    stdout = [_stdout(fmt, _source_filter(decided=True)), _stdout(skipped, _source_filter(False))]
+    return [*stdout, metering.grpc_access_log(config)] if config.metering else stdout
+
+
+_ROUTE_SOURCE = f"%METADATA(ROUTE:{METADATA_NAMESPACE}:credential_source)%"
+
+
+def _stdout(fmt: Json, only: Json) -> Json:
+    return {
         "name": "envoy.access_loggers.stdout",
+        "filter": only,
         "typed_config": typed(
             "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=fmt
         ),
     }
-    return [stdout, metering.grpc_access_log(config)] if config.metering else [stdout]
 
 
-def _status_filter(op: str, code: int) -> Json:
-    return {
-        "status_code_filter": {
-            "comparison": {"op": op, "value": {"default_value": code, "runtime_key": "unused"}}
-        }
-    }
+def _source_filter(decided: bool) -> Json:
+    """Requests whose dynamic metadata has a ``credential_source`` (or, not ``decided``, none).
 
-
-def _local_replies() -> Json:
-    """Envoy's own errors (5xx, 404, 4xx from limits) as JSON in the Anthropic shape.
-
-    The processor's 401 body is already JSON in the provider's shape: only its
-    content type is set here.
+    The filter compares a present value with ``value`` (the matcher's ``invert`` is not
+    read there): no string is null, so ``null_match`` takes only the absent key.
     """
-    error = {
-        "type": "error",
-        "error": {"type": "%LOCAL_REPLY_BODY%", "message": "%RESPONSE_CODE_DETAILS%"},
-    }
-    json_body = {"json_format": error, "content_type": "application/json"}
-    mapper_codes = [
-        ("GE", 500, "api_error"),
-        ("EQ", 400, "invalid_request_error"),
-        ("EQ", 413, "request_too_large"),
-        ("EQ", 431, "invalid_request_error"),
-    ]
-    as_is = {
-        "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-        "content_type": "application/json",
-    }
+    value: Json = {"present_match": True} if decided else {"null_match": {}}
+    path = [{"key": "credential_source"}]
     return {
-        "mappers": [
-            {"filter": _status_filter("EQ", 401), "body_format_override": as_is},
-            *(
-                {
-                    "filter": _status_filter(op, code),
-                    "body": {"inline_string": kind},
-                    "body_format_override": json_body,
-                }
-                for op, code, kind in mapper_codes
-            ),
-        ]
+        "metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": path, "value": value},
+            "match_if_key_not_found": not decided,
+        }
     }
 
 
@@ -141,7 +124,7 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
         stream_idle_timeout=seconds(listener.stream_idle_timeout_s),
         request_headers_timeout="10s",
         access_log=_access_log(config),
-        local_reply_config=_local_replies(),
+        local_reply_config=local_replies.config(),
         http_filters=filters,
         **(
             {"rds": {"route_config_name": "gateway", "config_source": rds_source}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 
+from extproc.config import errors
 from extproc.config.model import (
     KEY_PREFIX,
     METADATA_NAMESPACE,
@@ -22,7 +23,7 @@ from extproc.config.model import (
     GatewayConfig,
     Route,
 )
-from extproc.render import extproc_filter, metering
+from extproc.render import extproc_filter, local_replies, metering
 from extproc.render.common import EXTPROC_FILTER, METERING_FILTER, Json, cluster_name, seconds
 
 # Envoy joins repeated headers with ',' before matching. A value with a character
@@ -32,15 +33,7 @@ from extproc.render.common import EXTPROC_FILTER, METERING_FILTER, Json, cluster
 # through untouched; anything else still goes to the processor, which decides.
 NON_BLANK = r".*[^\s,].*"
 NON_BLANK_AUTHORIZATION = r"\s*\S+\s+[^\s,].*"
-# Some copy is a gateway key, bare or after a scheme ("Bearer gk-…"): never a provider's.
-GATEWAY_KEY = r"(?:.*,)?\s*(?:\S+\s+)?" + re.escape(KEY_PREFIX) + ".*"
 _RETRY_ON = "connect-failure,refused-stream,reset-before-request"
-
-
-def placeholder_pattern(values: tuple[str, ...]) -> str:
-    """Some copy is one of ``values``, bare or after a scheme ("Bearer dummy")."""
-    alternatives = "|".join(re.escape(v) for v in values)
-    return r"(?:.*,)?\s*(?:\S+\s+)?(?:" + alternatives + r")\s*(?:,.*)?"
 
 
 def _match(route: Route) -> Json:
@@ -68,8 +61,26 @@ def _action(route: Route) -> Json:
     }
 
 
-def _regex(header: str, pattern: str, invert: bool = False) -> Json:
-    matcher: Json = {"name": header, "string_match": {"safe_regex": {"regex": pattern}}}
+def _metadata(route: Route, **fields: str) -> Json:
+    """The route's error shape for Envoy's own replies, plus ``fields`` for the access log."""
+    metadata = local_replies.route_metadata(route.error_style)
+    if fields:
+        metadata[METADATA_NAMESPACE] = fields
+    return {"filter_metadata": metadata}
+
+
+def _regex(header: str, pattern: str) -> Json:
+    return {"name": header, "string_match": {"safe_regex": {"regex": pattern}}}
+
+
+def _contains(header: str, text: str, invert: bool = False) -> Json:
+    """Some copy of ``header`` contains ``text`` (or, inverted, none does, or it is absent).
+
+    A substring test instead of a regular expression: Envoy checks it without RE2, and it
+    flags a superset of what a pattern would (``sk-gk-1`` too), which only sends a few
+    more requests to the processor, where the decision is made anyway.
+    """
+    matcher: Json = {"name": header, "string_match": {"contains": text}}
     if invert:
         matcher |= {"invert_match": True, "treat_missing_header_as_empty": True}
     return matcher
@@ -78,27 +89,24 @@ def _regex(header: str, pattern: str, invert: bool = False) -> Json:
 def _client_pays(route: Route) -> list[Json]:
     """Header-matched copies of ``route`` that skip the processor.
 
-    Each one needs a filled client credential that is neither a placeholder nor
-    a gateway key, and no gateway key in any other slot (the processor must see
-    and remove those).
+    Each one needs a filled client credential that contains no placeholder and
+    no gateway-key prefix, and no gateway key in any other slot (the processor
+    must see and remove those).
     """
     credential = route.credential
     assert credential is not None
-    no_keys = [_regex(slot, GATEWAY_KEY, invert=True) for slot in credential.slots]
+    no_keys = [_contains(slot, KEY_PREFIX, invert=True) for slot in credential.slots]
     copies = []
     for header in credential.client_credentials:
         filled = NON_BLANK_AUTHORIZATION if header == "authorization" else NON_BLANK
         matchers = [_regex(header, filled)]
-        if credential.placeholders:
-            matchers.append(_regex(header, placeholder_pattern(credential.placeholders), True))
+        matchers += [_contains(header, value, invert=True) for value in credential.placeholders]
         copies.append(
             {
                 "name": route.envoy_name,
                 "match": {**_match(route), "headers": matchers + no_keys},
                 "route": _action(route),
-                "metadata": {
-                    "filter_metadata": {METADATA_NAMESPACE: {"credential_source": "client"}}
-                },
+                "metadata": _metadata(route, credential_source="client"),
                 "typed_per_filter_config": extproc_filter.disabled_for_route(EXTPROC_FILTER),
             }
         )
@@ -110,8 +118,9 @@ def _keyed(route: Route) -> list[Json]:
     return [
         {
             "name": route.envoy_name,
-            "match": {**_match(route), "headers": [_regex(slot, GATEWAY_KEY)]},
+            "match": {**_match(route), "headers": [_contains(slot, KEY_PREFIX)]},
             "route": _action(route),
+            "metadata": _metadata(route),
             "typed_per_filter_config": extproc_filter.disabled_for_route(METERING_FILTER),
         }
         for slot in STANDARD_SLOTS
@@ -119,7 +128,12 @@ def _keyed(route: Route) -> list[Json]:
 
 
 def _routes_for(route: Route, fast_path: bool) -> list[Json]:
-    main: Json = {"name": route.envoy_name, "match": _match(route), "route": _action(route)}
+    main: Json = {
+        "name": route.envoy_name,
+        "match": _match(route),
+        "route": _action(route),
+        "metadata": _metadata(route),
+    }
     credential = route.credential
     if credential is None:
         main["typed_per_filter_config"] = extproc_filter.disabled_for_route()
@@ -132,10 +146,7 @@ def _routes_for(route: Route, fast_path: bool) -> list[Json]:
 
 
 def _not_found() -> Json:
-    body = {
-        "type": "error",
-        "error": {"type": "not_found_error", "message": "no gateway route matches this path"},
-    }
+    body = errors.any_style_json("no gateway route matches this path", errors.NOT_FOUND)
     return {
         "name": "not_found",
         "match": {"prefix": "/"},
@@ -149,8 +160,7 @@ def _not_found() -> Json:
 
 def _no_trace() -> Json:
     """TRACE asks the origin to echo the request, injected key included: never forwarded."""
-    message = "method TRACE is not allowed"
-    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    body = errors.any_style_json("method TRACE is not allowed", errors.INVALID)
     return {
         "name": "no_trace",
         "match": {

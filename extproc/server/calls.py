@@ -56,7 +56,7 @@ def decide(services: Services, request: ext_proc.ProcessingRequest) -> Answer:
     policy = services.source.policy
     answer = process(policy, request, services.limiter, services.budgets)
     if answer.outcome is not None:
-        services.metrics.decided(answer, time.perf_counter() - start)
+        services.metrics.decided(answer, time.perf_counter() - start, policy.limits)
         if answer.outcome in _SPENDS:
             meter.started(policy, services.limiter, answer.client)
     return answer

@@ -11,6 +11,7 @@ its last values leave the sum at once.
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,9 +19,11 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from extproc.config.model import Endpoint
 from extproc.policy.decision import Outcome
+from extproc.policy.limits import LimitTable
 from extproc.policy.processor import Answer
 from extproc.usage.record import UsageRecord
 
+OTHER_CLIENTS = "(other)"  # not a client name: names start with a letter or digit
 _MODEL = re.compile(r"^[A-Za-z0-9._:@/-]{1,80}$")  # a model as a label: bounded, printable
 
 
@@ -31,9 +34,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._version = ""
         self._decision_children: dict[tuple[str, Outcome, str], Counter] = {}
+        self._limits: LimitTable | None = None
+        self._labelled: frozenset[str] = frozenset()  # clients with a series of their own
+        self._relabelling = threading.Lock()
         self.decisions = Counter(
             "gateway_decisions",
-            "Credential decisions made by the processor, by route, outcome and gateway-key client.",
+            "Credential decisions made by the processor, by route, outcome and gateway-key "
+            f"client (clients without limits of their own: {OTHER_CLIENTS}).",
             ["route", "outcome", "client"],
             registry=self.registry,
         )
@@ -157,10 +164,16 @@ class Metrics:
         if lost:
             self.limits_lost.inc(lost)
 
-    def decided(self, answer: Answer, seconds: float) -> None:
-        """Count one decision; label children are cached (``labels()`` is a locked lookup)."""
+    def decided(self, answer: Answer, seconds: float, limits: LimitTable | None = None) -> None:
+        """Count one decision; label children are cached (``labels()`` is a locked lookup).
+
+        ``limits`` is the policy's limit table: a new one (a reload) sets which clients
+        have series of their own.
+        """
         assert answer.outcome is not None
-        key = (answer.route, answer.outcome, answer.client)
+        if limits is not self._limits:
+            self._relabel(limits)
+        key = (answer.route, answer.outcome, self.client_label(answer.client))
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(
@@ -168,6 +181,26 @@ class Metrics:
             )
         child.inc()
         self.processing_seconds.observe(seconds)
+
+    def client_label(self, client: str) -> str:
+        """The ``client`` label: a client's own name only if it has limits of its own.
+
+        Those are named in the config, so they bound the series; every other gateway
+        client shares ``OTHER_CLIENTS`` (per-person detail belongs in the spend ledger).
+        """
+        return client if not client or client in self._labelled else OTHER_CLIENTS
+
+    def _relabel(self, limits: LimitTable | None) -> None:
+        """Take a new limit table's clients; forget (and drop the series of) the others."""
+        with self._relabelling:
+            if limits is self._limits:
+                return
+            self._labelled = frozenset(limits.clients) if limits else frozenset()
+            for key in list(self._decision_children):
+                if key[2] != self.client_label(key[2]):
+                    del self._decision_children[key]
+                    self.decisions.remove(key[0], key[1].value, key[2])
+            self._limits = limits
 
     def loaded(self, version: str, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "failure").inc()

@@ -107,8 +107,8 @@ OAUTH = ("authorization", b"Bearer sk-ant-oat01-x")
 KEY_CASES = [
     ("valid gateway key, no credential: inject for alice",
      keyed(), [("x-gateway-key", b"alice-key")], Decision(Outcome.INJECTED, client="alice")),
-    ("no gateway key, no credential: denied",
-     keyed(), [("accept", b"*/*")], Decision(Outcome.DENIED)),
+    ("no gateway key, no credential: its own outcome, not a bad key",
+     keyed(), [("accept", b"*/*")], Decision(Outcome.NO_CREDENTIAL)),
     ("wrong gateway key: denied", keyed(), [("x-gateway-key", b"guess")], Decision(Outcome.DENIED)),
     ("blank gateway key: denied", keyed(), [("x-gateway-key", b"")], Decision(Outcome.DENIED)),
     ("two copies of one valid key: one key, inject for alice",
@@ -178,8 +178,8 @@ PLACEHOLDER_CASES = [
      rule(), [("x-api-key", b"dummy")], Decision(Outcome.CLIENT_API_KEY)),
     ("placeholder beside OAuth: client pays, placeholder left alone",
      rule(placeholders=(b"dummy",)), [OAUTH, ("x-api-key", b"dummy")], Decision(Outcome.CLIENT_AUTHORIZATION)),
-    ("placeholder with a route's gateway keys: still needs a key",
-     rule(keys=alice(), placeholders=(b"dummy",)), [("x-api-key", b"dummy")], Decision(Outcome.DENIED)),
+    ("placeholder with a route's gateway keys: still needs a key (a placeholder is no credential)",
+     rule(keys=alice(), placeholders=(b"dummy",)), [("x-api-key", b"dummy")], Decision(Outcome.NO_CREDENTIAL)),
 ]  # fmt: skip
 
 MODE_CASES = [

@@ -81,6 +81,7 @@ TYPED_CONFIG_MODULES = [
     "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
     "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
     "envoy.extensions.access_loggers.stream.v3.stream_pb2",
+    "envoy.extensions.access_loggers.filters.cel.v3.cel_pb2",
     "envoy.extensions.access_loggers.grpc.v3.als_pb2",
     "envoy.extensions.filters.http.lua.v3.lua_pb2",
     "envoy.extensions.formatter.req_without_query.v3.req_without_query_pb2",

@@ -296,6 +296,7 @@ SET_KEY = [("x-api-key", SERVER)]
 SET_BEARER = [("authorization", b"Bearer " + SERVER)]
 DENIED_WITH_KEYS = ("Missing or invalid gateway key: send yours as x-api-key, as "
                     "'Authorization: Bearer <key>' or in the {} header.")  # fmt: skip
+NO_KEY = DENIED_WITH_KEYS.replace("Missing or invalid gateway key", "No gateway key")
 
 
 class Passing(NamedTuple):
@@ -367,8 +368,8 @@ class Refusing(NamedTuple):
 
 
 REFUSING = [
-    Refusing("keyed: no gateway key: denied, in Anthropic's shape, naming the access header",
-     "keyed", [("accept", b"*/*")], Outcome.DENIED, "", ErrorStyle.ANTHROPIC, DENIED_WITH_KEYS.format("x-gateway-key")),
+    Refusing("keyed: nothing sent: no_credential, in Anthropic's shape, naming the access header",
+     "keyed", [("accept", b"*/*")], Outcome.NO_CREDENTIAL, "", ErrorStyle.ANTHROPIC, NO_KEY.format("x-gateway-key")),
     Refusing("strict: own key without a gateway key: denied, naming the route's own access header",
      "strict", [OWN_KEY], Outcome.DENIED, "", ErrorStyle.ANTHROPIC, DENIED_WITH_KEYS.format("x-team-key")),
     Refusing("open: a gateway key on a route without keys: denied, keys not accepted here",
@@ -420,7 +421,7 @@ def test_a_routes_common_answers_are_built_at_compile_and_never_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers = compiled_anew(tmp_path).route("keyed").answers
-    assert answers.count == 4  # client pays (either header), denied, injected
+    assert answers.count == 5  # client pays (either header), denied, no credential, injected
     built: list[tuple[Outcome, tuple[str, ...]]] = []
     build = answers._build
 
@@ -429,7 +430,7 @@ def test_a_routes_common_answers_are_built_at_compile_and_never_again(
         return build(outcome, remove)
 
     monkeypatch.setattr(answers, "_build", counted)
-    for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY, Outcome.DENIED,
+    for outcome in (Outcome.CLIENT_AUTHORIZATION, Outcome.CLIENT_API_KEY, Outcome.DENIED, Outcome.NO_CREDENTIAL,
                     Outcome.INJECTED):  # fmt: skip
         assert answers.answer(outcome, (), "alice") == answers.answer(outcome, (), "alice")
     assert built == []
@@ -440,9 +441,9 @@ def test_a_routes_common_answers_are_built_at_compile_and_never_again(
 
 def test_a_route_without_a_server_key_prebuilds_its_rejection(tmp_path: Path) -> None:
     answers = compiled_anew(tmp_path).route("keyless").answers
-    assert answers.count == 4
+    assert answers.count == 5
     answers.answer(Outcome.REJECTED, (), "")
-    assert answers.count == 4
+    assert answers.count == 5
 
 
 CHANGES = [
@@ -547,8 +548,8 @@ ADMISSION = [
      "keyed", [("x-api-key", b"gk-bob")], OVER, Outcome.INJECTED, "bob", []),
     Admitting("nobody named (a route without keys): not asked",
      "open", [], OVER, Outcome.INJECTED, "", []),
-    Admitting("a denied request: not asked",
-     "keyed", [], OVER, Outcome.DENIED, "", []),
+    Admitting("a request with no key: not asked",
+     "keyed", [], OVER, Outcome.NO_CREDENTIAL, "", []),
 ]  # fmt: skip
 
 
@@ -642,7 +643,9 @@ def test_an_unknown_route_is_a_503_that_names_what_envoy_sent(gateway: Gateway) 
         503,
         "credential_gateway_unknown_route",
     )
-    assert not reply.immediate_response.body
+    error = json.loads(reply.immediate_response.body)["error"]  # no route: both SDKs' fields
+    assert (error["type"], error["code"]) == ("overloaded_error", "service_unavailable")
+    assert "retry" in error["message"]
     assert metadata(reply) == {"route": "", "credential_source": "none", "outcome": "unknown_route"}
 
 
@@ -773,6 +776,8 @@ def header_matches(matcher: dict[str, Any], joined: dict[str, str]) -> bool:
     spec = matcher["string_match"]
     if "exact" in spec:
         hit = value == spec["exact"]
+    elif "contains" in spec:
+        hit = spec["contains"] in value
     else:
         hit = re.fullmatch(spec["safe_regex"]["regex"], value, re.ASCII) is not None
     return hit != matcher.get("invert_match", False)
@@ -940,18 +945,19 @@ class Local(NamedTuple):
     path: str
     status: int
     error: dict[str, str]
+    code: str  # OpenAI's error.code
 
 
 LOCAL = [
     Local("TRACE on a credential route is refused: the origin would echo the injected key",
           "TRACE", "/prefer/v1/messages", 405,
-          {"type": "invalid_request_error", "message": "method TRACE is not allowed"}),
+          {"type": "invalid_request_error", "message": "method TRACE is not allowed"}, "invalid_request"),
     Local("TRACE on a route without a credential is refused too", "TRACE", "/plain", 405,
-          {"type": "invalid_request_error", "message": "method TRACE is not allowed"}),
+          {"type": "invalid_request_error", "message": "method TRACE is not allowed"}, "invalid_request"),
     Local("a path under no prefix gets a 404 from Envoy", "POST", "/nowhere/v1", 404,
-          {"type": "not_found_error", "message": "no gateway route matches this path"}),
+          {"type": "not_found_error", "message": "no gateway route matches this path"}, "unknown_url"),
     Local("a longer first segment is under no prefix", "GET", "/preferx", 404,
-          {"type": "not_found_error", "message": "no gateway route matches this path"}),
+          {"type": "not_found_error", "message": "no gateway route matches this path"}, "unknown_url"),
 ]  # fmt: skip
 
 
@@ -964,7 +970,8 @@ def test_envoy_answers_trace_and_unknown_paths_itself_in_json(table: Rendered, c
     assert route["name"] == ("no_trace" if case.status == 405 else "not_found")  # access log
     reply = route["direct_response"]
     assert reply["status"] == case.status
-    assert json.loads(reply["body"]["inline_string"]) == {"type": "error", "error": case.error}
+    body = json.loads(reply["body"]["inline_string"])  # no route, so no provider: both SDKs' fields
+    assert body == {"type": "error", "error": case.error | {"code": case.code}}
     content_type = {"header": {"key": "content-type", "value": "application/json"}}
     assert route["response_headers_to_add"] == [content_type]
     assert set(route["typed_per_filter_config"]) == {EXTPROC_FILTER, METERING_FILTER}
