@@ -19,19 +19,17 @@ from topology import Service, Topology
 
 API_PATH = topology.API_PREFIX + "v1/messages"
 EXTPROC_STREAMS = "http.gateway.ext_proc.streams_started"
-# The decision filter's streams go to the "extproc" cluster, the observing (metering)
-# filter's to "extproc_metering" (same processor, its own circuit breaker): open streams,
-# streams opened, and streams refused by a cluster's circuit breaker.
+# The decision filter's streams go to the "extproc" cluster, the usage records (Envoy's gRPC
+# access log, metering: true) to "extproc_accesslog" (same processor, a few streams held
+# open): open streams, records handed to the logger, records dropped, and streams refused by
+# a cluster's circuit breaker.
 EXTPROC_ACTIVE = "cluster.extproc.upstream_rq_active"
-METERING_ACTIVE = "cluster.extproc_metering.upstream_rq_active"
-METERING_STREAMS = "cluster.extproc_metering.upstream_rq_total"
+METERING_SENT = "cluster.extproc_accesslog.upstream_cx_tx_bytes_total"
+METERING_STREAMS = "access_logs.grpc_access_log.logs_written"
+METERING_LOST = "access_logs.grpc_access_log.logs_dropped"
 OVERFLOW = ("upstream_rq_pending_overflow", "upstream_rq_active_overflow")
 EXTPROC_OVERFLOW = tuple(f"cluster.extproc.{name}" for name in OVERFLOW)
-METERING_OVERFLOW = tuple(f"cluster.extproc_metering.{name}" for name in OVERFLOW)
-# An observing stream Envoy could not open or keep, let through (failure_mode_allow: the
-# request went on unmetered), e.g. over the metering cluster's circuit breaker. Envoy counts
-# each such failure in ``streams_failed`` too, so that one is not added.
-METERING_LOST = "http.gateway.ext_proc.metering.failure_mode_allowed"
+METERING_OVERFLOW = tuple(f"cluster.extproc_accesslog.{name}" for name in OVERFLOW)
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,9 @@ class _Snapshot:
     cpu_s: dict[str, float]  # per watched process tree
     rss_bytes: int  # the processor tree's
     extproc_calls: int  # streams the gateway opened to the processor so far
-    metering_calls: int  # of those, the observing filter's (metering: true)
-    metering_lost: int  # observing streams that failed (requests went on unmetered)
-    metering_overflow: int  # observing streams refused by their cluster's circuit breaker
+    metering_calls: int  # usage records Envoy's gRPC access log took (metering: true)
+    metering_lost: int  # usage records it dropped (stream backed up or away)
+    metering_overflow: int  # access-log streams refused by their cluster's circuit breaker
     extproc_overflow: int  # decision streams refused by theirs
     busy_s: float  # the whole machine's busy CPU
     ours_s: float  # our services' CPU plus finished wrk runs'
@@ -68,19 +66,21 @@ def _snapshot(topo: Topology, target: Service) -> _Snapshot:
 
 
 def settle(topo: Topology, deadline_s: float = 15.0) -> None:
-    """Wait until the gateway has no gRPC stream open to the processor (either cluster).
+    """Wait until the gateway has no decision stream open and has sent its last usage records.
 
-    Envoy keeps an observing (metering) stream open until the processor ends it (at the
-    response's end) or for its ``deferred_close_timeout`` after the response, and the
-    processor reports the usage when it closes; waiting for that before each snapshot puts
-    all of a run's work in its own window.
+    Envoy flushes the records every ``metering_flush_ms`` (250 ms); waiting until its bytes
+    to the processor stop growing for longer than that, before each snapshot, puts all of a
+    run's work (the processor reading its records) in its own window.
     """
     end = time.monotonic() + deadline_s
+    sent = -1.0
     while time.monotonic() < end:
         stats = topo.gateway.stats()
-        if not stats.get(EXTPROC_ACTIVE, 0) and not stats.get(METERING_ACTIVE, 0):
+        now = stats.get(METERING_SENT, 0)
+        if not stats.get(EXTPROC_ACTIVE, 0) and now == sent:
             return
-        time.sleep(0.1)
+        sent = now
+        time.sleep(0.4)
 
 
 def measure(topo: Topology, wrk: str, target: Service, script: Path, duration: float) -> Sample:

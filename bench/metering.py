@@ -1,17 +1,15 @@
 """CPU the processor spends per request on metering and limits, measured in-process.
 
-Envoy's observing filter sends the processor, per metered response, the
-request headers, the response headers and every body chunk; this drives the
-same path the server runs for each message (protobuf parse, then
-``ProcessCall.handle``) with messages shaped like Envoy's, and prints
-microseconds of CPU per decision (with and without a limit check), per
-metered JSON response and per SSE event. ``python bench/metering.py``
-(``make bench`` runs it too).
+Envoy counts the tokens itself (the Lua meter) and sends the processor one access-log
+entry per finished request, in batches: whatever the response (JSON or hundreds of SSE
+events), the processor reads one entry. This drives the server's paths in-process
+(``calls.decide`` for a decision, ``Meter.batch`` for a batch of entries shaped like
+Envoy's) and prints microseconds of CPU per decision (with and without a limit check)
+and per usage record. ``python bench/metering.py`` (``make bench`` runs it too).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 
 from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
@@ -31,9 +30,10 @@ from extproc.config.model import METADATA_NAMESPACE  # noqa: E402
 from extproc.policy.access import key_line  # noqa: E402
 from extproc.policy.compiled import Policy, compile_policy  # noqa: E402
 from extproc.policy.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE  # noqa: E402
-from extproc.server.calls import ProcessCall, Services  # noqa: E402
+from extproc.server.calls import Services, decide  # noqa: E402
 from extproc.server.metrics import Metrics  # noqa: E402
 from extproc.usage.limiter import Limiter  # noqa: E402
+from extproc.usage.records import USAGE_NAMESPACE  # noqa: E402
 from extproc.usage.store import MemoryStore  # noqa: E402
 
 KEY = "gk-bench-metering-key"
@@ -48,7 +48,7 @@ routes:
     upstream: https://api.anthropic.com
     credential: {header: x-api-key, secret: {env: SERVER}}
 """
-EVENTS = 200  # content_block_delta events in the streamed response
+BATCH = 50  # entries per access-log message (Envoy batches per flush interval)
 
 
 class Source:
@@ -76,52 +76,27 @@ def decision(route: str) -> bytes:
     return request.SerializeToString()
 
 
-def observed(route: str, content_type: str, chunks: list[bytes]) -> list[bytes]:
-    """The messages of one observed response, as Envoy's observing filter sends them."""
-    metadata = base_pb2.Metadata()
-    metadata.filter_metadata[METADATA_NAMESPACE].update(
-        {"credential_source": "injected", "client": "bench", "outcome": "injected"}
-    )
-    path = [(":path", "/anthropic/v1/messages")]
-    messages = [
-        pb.ProcessingRequest(
-            request_headers=pb.HttpHeaders(headers=_headers(path)),
-            attributes=_attributes(route),
-            metadata_context=metadata,
-            observability_mode=True,
-        ),
-        pb.ProcessingRequest(
-            response_headers=pb.HttpHeaders(
-                headers=_headers([(":status", "200"), ("content-type", content_type)])
-            ),
-            observability_mode=True,
-        ),
-    ]
-    messages += [
-        pb.ProcessingRequest(
-            response_body=pb.HttpBody(body=chunk, end_of_stream=n == len(chunks) - 1),
-            observability_mode=True,
+def entries(route: str, count: int) -> bytes:
+    """A batch of ``count`` finished, metered requests, as Envoy's gRPC access log sends it."""
+    message = als_pb2.StreamAccessLogsMessage()
+    for n in range(count):
+        entry = message.http_logs.log_entry.add()
+        common = entry.common_properties
+        common.route_name = route
+        common.start_time.seconds, common.duration.nanos = 1_760_000_000 + n, 12_000_000
+        metadata = common.metadata.filter_metadata
+        metadata[METADATA_NAMESPACE].update(
+            {"credential_source": "injected", "client": "bench", "outcome": "injected"}
         )
-        for n, chunk in enumerate(chunks)
-    ]
-    return [m.SerializeToString() for m in messages]
-
-
-def sse(events: int) -> list[bytes]:
-    def event(name: str, data: dict[str, object]) -> bytes:
-        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-
-    usage = {"input_tokens": 12, "output_tokens": 1}
-    text = {"type": "text_delta", "text": "word "}
-    start = {"type": "message_start", "message": {"model": "claude-sonnet-5-5", "usage": usage}}
-    delta = {"type": "content_block_delta", "index": 0, "delta": text}
-    end = {"type": "message_delta", "usage": {"output_tokens": events}}
-    return [
-        event("message_start", start),
-        *[event("content_block_delta", delta)] * events,
-        event("message_delta", end),
-        event("message_stop", {"type": "message_stop"}),
-    ]
+        metadata[USAGE_NAMESPACE].update(
+            {"model": "claude-sonnet-5-5", "input": 12, "output": 200, "cache_read": 100,
+             "cache_5m": 4, "cache_1h": 0, "partial": False}
+        )  # fmt: skip
+        entry.request.request_id = f"bench-{n}"
+        entry.request.request_headers["x-claude-code-session-id"] = "bench-session"
+        entry.response.response_code.value = 200
+    data: bytes = message.SerializeToString()
+    return data
 
 
 def per_call(run: Callable[[], None], repeat: int) -> float:
@@ -147,36 +122,26 @@ def main() -> int:
     limited = Services(source, metrics, Limiter(MemoryStore()))
     parse = pb.ProcessingRequest.FromString
 
-    def call(services: Services, messages: list[bytes]) -> Callable[[], None]:
+    def decide_with(services: Services) -> Callable[[], None]:
+        message = decision(route)
+
         def run() -> None:
-            handler = ProcessCall(services)
-            for message in messages:
-                handler.handle(parse(message))
-            handler.end()
+            decide(services, parse(message))
 
         return run
 
-    content = [{"type": "text", "text": "hi " * 200}]
-    usage = {"input_tokens": 12, "output_tokens": 200}
-    body = json.dumps({"model": "claude-sonnet-5-5", "content": content, "usage": usage}).encode()
-    json_response = observed(route, "application/json", [body])
-    short_stream = observed(route, "text/event-stream", sse(0))
-    long_stream = observed(route, "text/event-stream", sse(EVENTS))
+    batch = entries(route, BATCH)
+    usage = limited.meter()
+    per_batch = per_call(lambda: usage.batch(policy, batch), 500)
     rows = [
-        ("decision, gateway key, no limits", per_call(call(plain, [decision(route)]), 20000)),
-        (
-            "decision, gateway key, limits checked",
-            per_call(call(limited, [decision(route)]), 20000),
-        ),
-        ("metered JSON response (4 messages)", per_call(call(limited, json_response), 5000)),
-        ("metered SSE response, 2 events", per_call(call(limited, short_stream), 5000)),
-        (f"metered SSE response, {EVENTS + 2} events", per_call(call(limited, long_stream), 200)),
+        ("decision, gateway key, no limits", per_call(decide_with(plain), 20000)),
+        ("decision, gateway key, limits checked", per_call(decide_with(limited), 20000)),
+        (f"usage record, in a batch of {BATCH} (metrics, limits)", per_batch / BATCH),
+        ("per SSE event (no event reaches the processor)", 0.0),
     ]
-    per_event = (rows[4][1] - rows[3][1]) / EVENTS
     print("| processor CPU, in-process | µs |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.1f} |")
-    print(f"| per SSE event (one body chunk each) | {per_event:.1f} |")
     print(f"| limit check (difference) | {rows[1][1] - rows[0][1]:.1f} |")
     return 0
 

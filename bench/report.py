@@ -24,7 +24,6 @@ STREAMS_HELD = "ext_proc gRPC streams open (max while held)"
 STREAMS_RSS = "processor RSS MB (streams held)"
 EVENT_PROCESSOR_US = "processor CPU µs per SSE event (streams held)"
 EVENT_ENVOY_US = "gateway Envoy CPU µs per SSE event (streams held)"
-DECISIONS_HELD = "of which decision streams (max while held)"
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,9 @@ class Sample:
     extproc_calls: float  # ext_proc streams Envoy opened, per request
     errors: int
     other_cpu_pct: float  # CPU used by other processes on the machine meanwhile (noise)
-    metering_calls: float = 0.0  # observing streams opened (extproc_metering cluster), per request
-    metering_lost: int = 0  # observing streams that failed (the requests went on unmetered)
-    metering_overflow: int = 0  # observing streams refused by the extproc_metering circuit breaker
+    metering_calls: float = 0.0  # usage records Envoy's access log took, per request
+    metering_lost: int = 0  # usage records it dropped
+    metering_overflow: int = 0  # access-log streams refused by extproc_accesslog's breaker
     extproc_overflow: int = 0  # decision streams refused by the extproc circuit breaker
 
 
@@ -131,7 +130,7 @@ def load_table(report: Report) -> list[str]:
         "ext_proc calls/req", "errors", "other CPU %",
     )  # fmt: skip
     if metering:
-        header += ("metering streams/req", "metering lost", "ext_proc overflow (decision/metering)")
+        header += ("records/req", "records dropped", "overflow (decision/access log)")
     lines = []
     for scenario in dict.fromkeys(r.scenario for r in report.rows):
         base, gateway = report.pair(scenario)
@@ -212,12 +211,9 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
         delta = gw_event - report.ttfb[TTFB_DIRECT]["first_event_ms"]
         checks.append(("SSE first event ≤ direct + 1 ms", f"{delta:+.3f} ms", delta <= 1.0))
     if report.streams:
-        # With metering each stream is observed by a stream of its own, by design: then
-        # only the decision filter's streams must all have ended.
-        held = report.streams[DECISIONS_HELD if report.meta.get("metering") else STREAMS_HELD]
+        held = report.streams[STREAMS_HELD]
         rss = report.streams[STREAMS_RSS]
-        what = "decision stream" if report.meta.get("metering") else "processor stream"
-        checks.append((f"SSE streams hold no {what}", f"{held:g} open", held == 0))
+        checks.append(("SSE streams hold no processor stream", f"{held:g} open", held == 0))
         checks.append(("processor RSS ≤ 80 MB with the streams", f"{rss:.1f} MB", rss <= 80))
     return checks
 

@@ -44,7 +44,6 @@ from measure import (  # noqa: E402
     API_PATH,
     EXTPROC_ACTIVE,
     EXTPROC_STREAMS,
-    METERING_ACTIVE,
     METERING_STREAMS,
     measure,
     settle,
@@ -88,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metering",
         action="store_true",
-        help="`metering: true` in the gateway's config (the observing ext_proc filter)",
+        help="`metering: true` in the gateway's config (Envoy's Lua meter, gRPC access log)",
     )
     parser.add_argument(
         "--processor-command",
@@ -191,15 +190,16 @@ async def run_sse(
             usage = procstat.usage(topo.processor.pid)
             envoy = procstat.usage(topo.gateway.pid)
             values = {
-                report.STREAMS_HELD: stats.get(EXTPROC_ACTIVE, 0) + stats.get(METERING_ACTIVE, 0),
-                report.DECISIONS_HELD: stats.get(EXTPROC_ACTIVE, 0),
+                report.STREAMS_HELD: stats.get(EXTPROC_ACTIVE, 0),
                 DOWNSTREAM_ACTIVE: stats.get("http.gateway.downstream_rq_active", 0),
                 UPSTREAM_OPEN: upstream["open_streams"],
                 report.STREAMS_RSS: usage.rss_bytes / 2**20,
                 "processor threads (streams held)": usage.threads,
                 "gateway Envoy RSS MB (streams held)": envoy.rss_bytes / 2**20,
                 "ext_proc streams started for them": _since(before, stats, EXTPROC_STREAMS),
-                "metering streams started for them": _since(before, stats, METERING_STREAMS),
+                "usage records for them (Envoy's access log)": _since(
+                    before, stats, METERING_STREAMS
+                ),
             }
             for key, value in values.items():
                 seen.setdefault(key, []).append(float(value))
