@@ -189,3 +189,41 @@ def test_fifty_concurrent_requests_overshoot_within_the_stated_bound(
         f"50 concurrent: {admitted} admitted, spent ${spent}, overshoot ${overshoot}, bound ${bound}"
     )
     assert 0 < overshoot <= bound  # each cost $0.11625 against its $0.10 estimate
+
+
+def test_a_kill_9_of_the_processor_keeps_the_budget_and_the_ledger(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    upstream = start_upstream("anthropic-upstream", responder=respond)
+    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
+    top = {
+        "metering": True,
+        "metering_flush_ms": 50,
+        "access": {"keys_file": str(tmp_path / "keys.txt")},
+        "spend": {"state_dir": str(tmp_path / "state"), "flush_ms": 100, "reservation_usd": 0.01,
+                  "budgets": {"clients": {"alice": {"day": 0.20}}}},
+    }  # fmt: skip
+    route = credential_route("anthropic", upstream.url(), prefix="/anthropic")
+    gateway = start_gateway([route], env={"ANTHROPIC_KEY": SERVER}, top=top)
+    body = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    path = tmp_path / "state" / "spend.db"
+
+    def post() -> httpx.Response:
+        with httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+            return client.post("/anthropic/v1/messages", json=body, headers={"x-api-key": ALICE})
+
+    assert [post().status_code, post().status_code] == [200, 200]  # $0.2325 of $0.20
+    poll(lambda: ledger(path), lambda rows: len(rows) == 2, "both rows written")
+    assert post().status_code == 429
+    process = gateway.extproc_process
+    assert process is not None
+    process.kill()  # SIGKILL: no flush, no goodbye
+    process.wait(timeout=10)
+    gateway.extproc_process = None
+    gateway.start_extproc()
+    after = post()
+    assert after.status_code == 429, after.text  # rebuilt from the ledger at start
+    assert "$0.23 spent of $0.20" in after.json()["error"]["message"]
+    assert [r[8] for r in ledger(path) if r[1] == "injected"] == [COST_NANO, COST_NANO]
