@@ -186,6 +186,7 @@ class SpendService:
         with self._lock:
             batch = list(self._queue)
         if not batch:
+            self.refresh()  # an idle replica or worker still sees the others' spend
             self._report(0)
             return 0
         merged: dict[CounterKey, int] = {}
