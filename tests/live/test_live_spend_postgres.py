@@ -3,15 +3,21 @@ a budget; the server stopped and started mid-run keeps every record; the schema 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import psycopg
 import pytest
+from harness import Gateway, RecordingUpstream, credential_route
+from harness.adversary import write_keys
+from harness.liveops import poll
 from harness.postgres import Postgres, postgres
+from live.test_live_spend_e2e import ALICE, MODEL, SERVER, respond
 
 from extproc.config.model import StoreFailure
 from extproc.config.spend import Budget, Spend
@@ -119,3 +125,39 @@ def test_the_schema_is_upgraded_once(server: Postgres, config: Spend) -> None:
     assert first.migrate() == SCHEMA_VERSION  # already at the current version: nothing applied
     first.close()
     assert count(server, "SELECT count(*) FROM schema_version") == 1
+
+
+def test_two_gateways_on_one_postgresql_share_a_client_budget(
+    server: Postgres,
+    config: Spend,
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    upstream = start_upstream("anthropic-upstream", responder=respond)
+    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
+    top = {
+        "metering": True,
+        "metering_flush_ms": 50,
+        "access": {"keys_file": str(tmp_path / "keys.txt")},
+        "spend": {"store": server.url, "flush_ms": 100, "reservation_usd": 0.01,
+                  "budgets": {"clients": {"alice": {"day": 0.20}}}},
+    }  # fmt: skip
+    route = credential_route("anthropic", upstream.url(), prefix="/anthropic")
+    one = start_gateway([route], env={"ANTHROPIC_KEY": SERVER}, top=top)
+    two = start_gateway([route], env={"ANTHROPIC_KEY": SERVER}, top=top)
+    body = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+    def post(gateway: Gateway) -> httpx.Response:
+        with httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+            return client.post("/anthropic/v1/messages", json=body, headers={"x-api-key": ALICE})
+
+    assert post(one).status_code == 200  # $0.11625 on the first gateway
+    assert post(two).status_code == 200  # the second has seen it or not: either way under $0.20
+    # $0.2325 spent across both: each refuses once it has read the other's spend (a request
+    # it admits before that, within one flush_ms, is the stated overshoot across replicas)
+    for gateway in (one, two):
+        refused = poll(lambda g=gateway: post(g), lambda r: r.status_code == 429, "a 429")
+        assert "The daily budget of client 'alice' is used up" in refused.json()["error"]["message"]
+    charged = count(server, "SELECT count(*) FROM ledger WHERE paid_by = 'injected'")
+    assert 2 <= charged <= 4, charged
