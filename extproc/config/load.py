@@ -19,7 +19,7 @@ from extproc.config.model import KEY_PREFIX
 from extproc.config.sections import ConfigError, Problems, Section, field_name
 from extproc.config.spend import SPEND
 from extproc.config.spend import spend as parse_spend
-from extproc.config.yamlsource import Document, YamlSyntaxError, load
+from extproc.config.yamlsource import Document, SourceError, load
 
 _PLACEHOLDER = re.compile(r"^[!-+\--~]{1,200}$")  # visible ASCII without ','
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -37,12 +37,10 @@ _FORBIDDEN_HEADERS = {
 
 
 def load_config(path: Path) -> model.GatewayConfig:
-    """Read and validate ``path``; raise ConfigError listing every problem."""
+    """Read and validate ``path``; raise ConfigError listing every problem (and nothing else)."""
     try:
         doc = load(path)
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
-    except YamlSyntaxError as exc:
+    except SourceError as exc:
         raise ConfigError([str(exc)]) from None
     return parse(doc, path.resolve().parent, source=path)
 
@@ -95,6 +93,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     spend = parse_spend(top.section("spend", SPEND), problems, parser.secret, base, bool(metering))
     tcp_extproc = extproc if extproc and not extproc.socket else None
     _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
+    _check_failure_mode(problems, extproc, routes)
     if problems.items:
         raise ConfigError(problems.items)
     assert listener and admin and extproc and metrics  # no problems → every part was built
@@ -273,11 +272,11 @@ class _Parser:
         url = s.text("upstream")
         if not url:
             return None
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)
             port = parts.port
-        except ValueError:
-            port, parts = None, parts._replace(netloc="")
+        except ValueError:  # a bad port, or an unclosed [IPv6 literal
+            port, parts = None, urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             s.error("upstream", "expected an http:// or https:// URL with a host")
             return None
@@ -400,6 +399,22 @@ def _check_unique(problems: Problems, top: Section, routes: list[model.Route | N
                 )
             else:
                 seen[(key, value)] = index
+
+
+def _check_failure_mode(
+    problems: Problems, extproc: model.ExtprocSettings | None, routes: list[model.Route | None]
+) -> None:
+    """``open`` forwards unchanged while the processor is down: never with gateway keys."""
+    if extproc is None or extproc.failure_mode is not model.FailureMode.OPEN:
+        return
+    guarded = [route.name for route in routes if route is not None and route.access is not None]
+    if guarded:
+        problems.add(
+            ("extproc", "failure_mode"),
+            "open cannot be used with gateway keys: while the processor is down or slow, "
+            "requests would be forwarded unchanged and a gateway key (gk-...) would reach "
+            f"the provider (routes with access: {', '.join(guarded[:5])}); use closed",
+        )
 
 
 def _check_ports(

@@ -30,12 +30,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
 
+from extproc.config.files import FileProblem, read_bounded
 from extproc.config.model import KEY_PREFIX
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _ATTRIBUTES = ("created", "expires", "teams")
+MAX_KEYS_FILE_BYTES = 64 * 2**20  # about 600,000 key lines
 T = TypeVar("T")
 _SHAPE = "expected '<name> sha256:<64 hex digits> [created=…] [expires=…] [teams=…]'"
 
@@ -161,11 +163,12 @@ def _created(text: str) -> str:
 def read_lines(path: Path) -> tuple[bytes, list[str]]:
     """The file's bytes and text lines; KeysFileError when it cannot be read."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_KEYS_FILE_BYTES, "keys file")
         return data, data.decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise KeysFileError(f"keys file {path} cannot be read: {reason}") from None
+    except FileProblem as exc:  # a directory, /dev/zero, a FIFO: never a hang or a traceback
+        raise KeysFileError(f"keys file {path} {exc.reason}") from None
+    except UnicodeDecodeError:
+        raise KeysFileError(f"keys file {path} cannot be read: not UTF-8 text") from None
 
 
 def parse_lines(path: Path, lines: list[str]) -> dict[int, KeyLine]:

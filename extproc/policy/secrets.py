@@ -11,7 +11,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from extproc.config.files import FileProblem, read_bounded
 from extproc.config.model import SecretRef
+
+MAX_SECRET_BYTES = 64 * 2**10  # a header value; Envoy refuses request headers over 60 KiB
 
 
 class Secret:
@@ -65,8 +68,8 @@ def _read_file(ref: SecretRef) -> bytes | None:
     assert ref.file is not None
     path: Path = ref.file
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise SecretError(f"{ref.describe()} cannot be read: {exc.strerror}") from None
+        return read_bounded(path, MAX_SECRET_BYTES, "secret file")
+    except FileProblem as exc:  # a directory, /dev/zero, a FIFO: never a hang or a traceback
+        if exc.missing:
+            return None
+        raise SecretError(f"{ref.describe()} {exc.reason}") from None
