@@ -17,6 +17,7 @@ from extproc.config.model import GatewayConfig
 from extproc.runtime import state
 from extproc.runtime.reload import PolicyHolder
 from extproc.runtime.xds import EnvoyAway, envoy_versions
+from extproc.spend.version import table_version
 
 STUCK_SECONDS = 60.0  # a watcher round older than this: the watcher is stuck
 
@@ -73,6 +74,7 @@ class ProcessorRecord:
             "store": store_kind(config),
             "store_up": self.store_up,
             "watcher": self.watcher,
+            "prices": table_version(config.spend.prices) if config.spend else None,
         }
         state.write_state(holder.config_path, state.PROCESSOR_FILE, record)
 
@@ -116,4 +118,5 @@ def _processor_lines(record: dict[str, Any]) -> list[str]:
         f"  config version {record.get('version')}, last load {last}",
         f"  routes {record.get('routes')}, gateway clients {record.get('clients')}",
         f"  limits store {store}, watcher {record.get('watcher')}",
+        *([f"  spend prices {record['prices']}"] if record.get("prices") else []),
     ]

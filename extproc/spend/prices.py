@@ -9,19 +9,18 @@ once per model, never zero.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Protocol
 
-import genai_prices
 from genai_prices import Usage
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
 from extproc.config.spend import Price
+from extproc.spend.version import table_version
 from extproc.usage.record import UsageRecord
 
 log = logging.getLogger("extproc.spend")
@@ -53,10 +52,7 @@ class PriceBook:
         self._overrides = dict(overrides)
         self._pricers: dict[str, Pricer | None] = {}
         self._on_unknown = on_unknown
-        digest = hashlib.sha256(repr(sorted(self._overrides.items())).encode()).hexdigest()[:8]
-        self.version = f"genai-prices {genai_prices.__version__}" + (
-            f" + overrides {digest}" if self._overrides else ""
-        )
+        self.version = table_version(overrides)
 
     def cost(self, record: UsageRecord) -> int | None:
         """Nano-dollars; 0 for an answer that used nothing; None when the cost is unknown."""

@@ -107,3 +107,16 @@ def test_a_bad_date_is_one_line_not_a_traceback(
     assert (
         capsys.readouterr().err == "spend: --from: expected an ISO date or time, like 2026-12-01\n"
     )
+
+
+def test_status_names_the_price_table(config: Path) -> None:
+    from extproc.runtime.status import _processor_lines
+    from extproc.spend.prices import PriceBook
+    from extproc.spend.version import table_version
+
+    spend = load_config(config).spend
+    assert spend is not None
+    assert PriceBook(spend.prices).version == table_version(()) == "genai-prices 0.2.3"
+    lines = _processor_lines({"prices": table_version(()), "store": "memory"})
+    assert lines[-1] == "  spend prices genai-prices 0.2.3"
+    assert not any("spend" in line for line in _processor_lines({"store": "memory"}))
