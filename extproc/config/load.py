@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from extproc.config import model
+from extproc.config import model, tlsfiles
 from extproc.config.limits import LIMITS
 from extproc.config.limits import limits as parse_limits
 from extproc.config.model import KEY_PREFIX
 from extproc.config.sections import ConfigError, Problems, Section, field_name
 from extproc.config.spend import SPEND
 from extproc.config.spend import spend as parse_spend
+from extproc.config.tlsfiles import certificate_problem, private_key_problem
 from extproc.config.yamlsource import Document, SourceError, load
 
 _PLACEHOLDER = re.compile(r"^[!-+\--~]{1,200}$")  # visible ASCII without ','
@@ -94,6 +95,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     tcp_extproc = extproc if extproc and not extproc.socket else None
     _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
     _check_failure_mode(problems, extproc, routes)
+    system_ca_file = _system_ca_file(top, base, routes)
     if problems.items:
         raise ConfigError(problems.items)
     assert listener and admin and extproc and metrics  # no problems → every part was built
@@ -105,6 +107,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         extproc=extproc,
         routes=tuple(r for r in routes if r is not None),
         metrics=metrics if top.has("metrics") else None,
+        system_ca_file=system_ca_file,
         metering=bool(metering),
         metering_flush_ms=flush_ms or 250,
         limits=limits,
@@ -114,8 +117,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
 
 _TOP = [
     "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering",
-    "metering_flush_ms", "limits",
-    "spend", "routes",
+    "metering_flush_ms", "limits", "spend", "ca_bundle", "routes",
 ]  # fmt: skip
 _LISTENER = [
     "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
@@ -188,6 +190,9 @@ class _Parser:
         if (t := s.section("tls", ["cert_file", "key_file"])) is not None:
             cert, key = t.text("cert_file"), t.text("key_file")
             tls = model.TlsFiles(self.base / cert, self.base / key) if cert and key else None
+            if tls is not None:
+                _check_file(t, "cert_file", certificate_problem(tls.cert_file))
+                _check_file(t, "key_file", private_key_problem(tls.key_file))
         values = {
             "address": s.text("address"),
             "port": s.port("port"),
@@ -247,6 +252,8 @@ class _Parser:
         ca_file = self._path(s, "ca_file")
         if ca_file and upstream and not upstream.tls:
             s.error("ca_file", "only applies to an https upstream")
+        elif ca_file:
+            _check_file(s, "ca_file", certificate_problem(ca_file))
         credential = self.credential(s.section("credential", _CREDENTIAL))
         access = self.route_access(s)
         slots = credential.slots if credential else model.STANDARD_SLOTS
@@ -399,6 +406,31 @@ def _check_unique(problems: Problems, top: Section, routes: list[model.Route | N
                 )
             else:
                 seen[(key, value)] = index
+
+
+def _check_file(s: Section, key: str, problem: str | None) -> None:
+    if problem is not None:
+        s.error(key, problem)
+
+
+def _system_ca_file(top: Section, base: Path, routes: list[model.Route | None]) -> Path:
+    """The CA bundle for https upstreams without a ``ca_file``: ``ca_bundle`` or the host's."""
+    if top.has("ca_bundle"):
+        value = top.text("ca_bundle")
+        path = base / value if value else tlsfiles.SYSTEM_BUNDLES[0]
+        if value:
+            _check_file(top, "ca_bundle", certificate_problem(path))
+        return path
+    found = tlsfiles.system_bundle()
+    unpinned = [i for i, r in enumerate(routes) if r and r.upstream.tls and r.ca_file is None]
+    if found is None and unpinned:
+        looked = ", ".join(str(p) for p in tlsfiles.SYSTEM_BUNDLES)
+        top.problems.add(
+            ("routes", unpinned[0], "upstream"),
+            f"no system CA bundle found on this host (looked for {looked}): "
+            "set ca_bundle: at the top level, or this route's ca_file",
+        )
+    return found or tlsfiles.SYSTEM_BUNDLES[0]
 
 
 def _check_failure_mode(

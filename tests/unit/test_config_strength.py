@@ -155,12 +155,23 @@ def test_metering_is_held(given: str, held: bool, tmp_path: Path) -> None:
     assert loaded(GOOD + f"metering: {given}\n", tmp_path).metering is held
 
 
+def pem_files(folder: Path, *names: str) -> None:
+    """Files that look like PEM (the loader checks the markers, Envoy reads the rest)."""
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kind = "PRIVATE KEY" if "k" in path.stem else "CERTIFICATE"
+        path.write_text(f"-----BEGIN {kind}-----\nAA==\n-----END {kind}-----\n")
+
+
 def test_a_tls_listener_holds_its_files_relative_to_the_yaml(tmp_path: Path) -> None:
+    pem_files(tmp_path, "c.pem", "k/k.pem")
     text = GOOD.replace("port: 4000", "port: 4000, tls: {cert_file: c.pem, key_file: k/k.pem}")
     assert loaded(text, tmp_path).listener.tls == TlsFiles(tmp_path / "c.pem", tmp_path / "k/k.pem")
 
 
 def test_a_ca_file_is_held_relative_to_the_yaml(tmp_path: Path) -> None:
+    pem_files(tmp_path, "certs/ca.pem")
     text = GOOD.replace(ROUTE_FIELD, ROUTE_FIELD + "    ca_file: certs/ca.pem\n")
     assert loaded(text, tmp_path).routes[0].ca_file == tmp_path / "certs" / "ca.pem"
 
