@@ -62,3 +62,44 @@ def test_claude_code_over_a_budget_stops_at_once_and_prints_the_gateways_message
     assert "It resets at" in output
     assert took < 30, f"Claude Code took {took:.0f}s: it retried instead of stopping"
     assert len(upstream.requests) == sent  # nothing reached the provider
+
+
+def test_claude_code_under_a_requests_per_minute_limit_waits_and_succeeds(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    if not os.access(CLAUDE, os.X_OK):
+        pytest.fail(f"{CLAUDE} is missing: run `make clients` (npm ci; `make test` does it)")
+    upstream = start_upstream("anthropic-upstream", responder=respond)
+    write_keys(tmp_path / "keys.txt", {"alice": ALICE})
+    top = {
+        "metering": True,
+        "access": {"keys_file": str(tmp_path / "keys.txt")},
+        "limits": {"default": {"requests_per_minute": 1}},
+    }
+    route = credential_route("anthropic", upstream.url(), prefix="/anthropic")
+    gateway = start_gateway([route], env={"ANTHROPIC_KEY": SERVER}, top=top)
+    body = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=gateway.base_url, timeout=10) as client:  # this minute's request
+        assert (
+            client.post(
+                "/anthropic/v1/messages", json=body, headers={"x-api-key": ALICE}
+            ).status_code
+            == 200
+        )
+        refused = client.post("/anthropic/v1/messages", json=body, headers={"x-api-key": ALICE})
+    assert refused.status_code == 429 and 0 < int(refused.headers["retry-after"]) <= 60
+
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    env = _environment(QUIET | {"HOME": str(home), "ANTHROPIC_BASE_URL": gateway.url("/anthropic"),
+                                "ANTHROPIC_API_KEY": ALICE})  # fmt: skip
+    began = time.monotonic()
+    code, output = _run([str(CLAUDE), "-p", "say hi"], env, home, 200.0)
+    took = time.monotonic() - began
+    print(f"claude exited {code} after {took:.1f}s and printed: {output.strip()}")
+    assert code == 0, f"claude exited {code}:\n{output}"
+    assert "ok" in output
+    limited = [e for e in gateway.access_log() if e.get("status") == 429]
+    assert len(limited) >= 2, limited  # ours above, and at least one Claude Code waited out
