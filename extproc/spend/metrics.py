@@ -127,6 +127,8 @@ class SpendMetrics:
         if cost is None:
             self.unknown.labels(model).inc()
             return
+        if cost == 0:
+            return  # nothing used (errors, refusals, count_tokens): no series for them
         usd = cost / NANO_PER_USD  # a float only here: Prometheus samples are floats
         for team in record.teams or ("",):
             self.cost.labels(self._team(team), record.credential_source, model).inc(usd)

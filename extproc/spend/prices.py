@@ -57,8 +57,9 @@ class PriceBook:
     def cost(self, record: UsageRecord) -> int | None:
         """Nano-dollars; 0 for an answer that used nothing; None when the cost is unknown."""
         if not record.known:
-            # An error answer reports no usage and cost nothing; a success without usage is unknown.
-            return 0 if not 200 <= record.status < 300 else None
+            # Nothing billable was reported (an error, count_tokens, the models list): nothing
+            # was used. A success that named its model but no tokens: the count was lost.
+            return None if record.model and 200 <= record.status < 300 else 0
         pricer = self._pricer(record.model)
         if pricer is None:
             return None

@@ -90,10 +90,11 @@ def test_an_unknown_model_is_unknown_cost_reported_once_per_model(
     assert sum("no-such-model-xyz" in r.message for r in caplog.records) == 1
 
 
-def test_an_error_answer_without_usage_costs_nothing_a_success_without_usage_is_unknown() -> None:
+def test_an_answer_without_usage_costs_nothing_unless_its_model_was_reported() -> None:
     book = PriceBook()
-    assert book.cost(rec("claude-opus-4-1", status=529)) == 0
-    assert book.cost(rec("claude-opus-4-1", status=200)) is None
+    assert book.cost(rec("claude-opus-4-1", status=529)) == 0  # an error
+    assert book.cost(rec("", status=200)) == 0  # count_tokens, the models list
+    assert book.cost(rec("claude-opus-4-1", status=200)) is None  # its usage was lost
 
 
 def test_pricing_never_touches_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
