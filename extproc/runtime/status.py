@@ -51,6 +51,7 @@ class ProcessorRecord:
         self.serving = False
         self.store_up: bool | None = None
         self.watcher = "starting"
+        self._written: dict[str, Any] = {}
 
     def store_synced(self, ok: bool) -> None:
         if ok != self.store_up:
@@ -76,7 +77,9 @@ class ProcessorRecord:
             "watcher": self.watcher,
             "prices": table_version(config.spend.prices) if config.spend else None,
         }
-        state.write_state(holder.config_path, state.PROCESSOR_FILE, record)
+        if record != self._written:  # the watchdog asks every few seconds: write changes only
+            state.write_state(holder.config_path, state.PROCESSOR_FILE, record)
+            self._written = record
 
 
 def report(config_path: Path, config: GatewayConfig) -> tuple[bool, list[str]]:

@@ -15,6 +15,7 @@ from extproc.config.model import ServerKind
 from extproc.runtime.reload import PolicyHolder, watch
 from extproc.runtime.serve import CONFIG_HEALTH, _Run
 from extproc.runtime.status import STUCK_SECONDS
+from extproc.server.lean_backend import Health
 from extproc.server.metrics import Metrics
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -84,6 +85,7 @@ def test_a_broken_change_a_sighup_tried_is_not_tried_again(tmp_path: Path) -> No
 
 
 def config_health(run: _Run) -> int:
+    assert isinstance(run.health, Health)
     reply, _code, _details = run.health.check(
         health_pb2.HealthCheckRequest(service=CONFIG_HEALTH).SerializeToString()
     )
