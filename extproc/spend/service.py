@@ -3,8 +3,9 @@
 ``records`` is called with each batch of usage records (off the request path):
 it prices them, settles their reservations and charges the budgets in memory,
 then queues the ledger rows. A writer thread flushes the queue every
-``flush_ms`` in one transaction, with the budget counters, then reads the
-counters back: what other workers (SQLite) or replicas (PostgreSQL) spent.
+``flush_ms`` in one transaction, with the budget counters; where others write
+them too (workers on one SQLite file, replicas on PostgreSQL) it then reads
+the counters back, on every flush.
 
 Loss: rows still queued when the process is killed (at most ``flush_ms`` of
 records) and records Envoy had not sent yet. While the database is down, rows
@@ -85,7 +86,8 @@ def spend_for(
     if spend is None:
         return None
     metrics = SpendMetrics(registry, tuple(name for name, _ in spend.teams))
-    service = SpendService(spend, open_database(spend, environ), metrics)
+    shared = spend.shared or config.extproc.workers > 1
+    service = SpendService(spend, open_database(spend, environ), metrics, shared=shared)
     service.start()
     return service
 
@@ -99,9 +101,13 @@ class SpendService:
         database: Database,
         sink: SpendSink | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool | None = None,
     ) -> None:
         self.spend = spend
         self._db = database
+        # Others write the same counters (replicas on PostgreSQL, workers on one SQLite file):
+        # read them after every flush. Alone, this process's own counts are the whole truth.
+        self._shared = spend.shared if shared is None else shared
         self._sink = sink
         self._clock = clock
         self.prices = PriceBook(spend.prices, sink.unknown_price if sink else None)
@@ -186,7 +192,8 @@ class SpendService:
         with self._lock:
             batch = list(self._queue)
         if not batch:
-            self.refresh()  # an idle replica or worker still sees the others' spend
+            if self._shared:
+                self.refresh()  # an idle replica or worker still sees the others' spend
             self._report(0)
             return 0
         merged: dict[CounterKey, int] = {}
@@ -209,7 +216,8 @@ class SpendService:
                     del self._pending[key]  # keys of past periods never pile up
         self._written += len(batch)
         self._up()
-        self.refresh()  # other replicas' or workers' spend, from the shared counters
+        if self._shared:
+            self.refresh()  # other replicas' or workers' spend, from the shared counters
         self._report(len(batch))
         return len(batch)
 

@@ -221,3 +221,20 @@ def test_budgets_reload_live_and_a_store_change_waits_for_a_restart(
     assert service.spend.timezone == "UTC" and service.spend.soft_percent == 50
     assert "take effect at restart" in caplog.text
     service.close()
+
+
+def test_workers_on_one_sqlite_file_share_their_budgets(tmp_path: Path) -> None:
+    s = spend(tmp_path)
+    one = SpendService(s, open_database(s), clock=lambda: NOW, shared=True)
+    two = SpendService(s, open_database(s), clock=lambda: NOW, shared=True)
+    alone = SpendService(s, open_database(s), clock=lambda: NOW)  # one process: never reads back
+    one.records([rec(rid="1"), rec(rid="2"), rec(rid="3")])  # $6.75 of alice's $5
+    assert one.flush() == 3
+    assert two.admit("alice") is None  # not read yet
+    assert two.flush() == 0  # idle, it reads the counters all the same
+    refusal = two.admit("alice")
+    assert refusal is not None and "$6.75 spent of $5.00" in refusal.message
+    alone.flush()
+    assert alone.budgets.spent("client", "alice")[0] == 0
+    for service in (one, two, alone):
+        service.close()
