@@ -28,7 +28,7 @@ from extproc.config.sections import ConfigError
 from extproc.policy.secrets import SecretError
 from extproc.runtime.reload import PolicyHolder, watch
 from extproc.runtime.status import ProcessorRecord, watcher_stuck
-from extproc.runtime.workers import Supervisor, report_version
+from extproc.runtime.workers import StagedCommit, Supervisor, report_version
 from extproc.runtime.xds import XdsWriter
 from extproc.server import grpcio_backend, lean_backend
 from extproc.server.calls import SERVICE_NAME, Services
@@ -70,10 +70,13 @@ def _serve_one(
 ) -> int:
     metrics = Metrics()
     writer = XdsWriter(xds_dir) if xds_dir else None
-    on_loaded = writer.write if writer else None
+    staged = StagedCommit(worker_dir) if worker_dir is not None else None
+    on_loaded = staged or (writer.write if writer else None)
     holder = PolicyHolder(config_path, metrics, on_loaded=on_loaded, socket=socket)
     if not holder.load():
         return 2
+    if staged is not None:
+        staged.armed = True  # from now on, a reload commits only on the supervisor's word
     config = holder.config
     assert config is not None
     settings = config.extproc

@@ -13,10 +13,13 @@ A worker is started with SIGHUP blocked, so a reload signal sent before its
 handler is installed waits instead of killing it; the worker unblocks it once
 its handler is in place (``serve``).
 
-If Envoy does not take the new files, the supervisor's policy and Envoy's
-files go back to the last good config and the load is retried; the workers
-keep the new policy meanwhile (it knows the old route names too), and take
-the config again with the retry.
+A reload is one transaction over all of them: each worker stages the new
+config (knowing both configs' route names, the old answers for names in both)
+and reports ``<pid>.staged``; once all have, Envoy is handed the files; only
+when Envoy took them does the supervisor write ``commit <version>`` to the
+``decision`` file, and each worker commits. Any failure writes ``abort
+<version>``: every worker, the supervisor and Envoy's files go back to the
+last good config, and the supervisor retries.
 """
 
 from __future__ import annotations
@@ -38,18 +41,55 @@ from extproc.runtime.ports import PortTaken, check_free, gateway_ports
 from extproc.runtime.processes import Backoff, start_child
 from extproc.runtime.reload import PolicyHolder, watch
 from extproc.runtime.status import ProcessorRecord, watcher_stuck
-from extproc.runtime.xds import DeliveryError, XdsWriter, atomic_write
+from extproc.runtime.xds import (
+    ACCEPT_WAIT_SECONDS,
+    CLUSTER_WAIT_SECONDS,
+    DeliveryError,
+    XdsWriter,
+    atomic_write,
+)
 from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers, worker_died
 
 log = logging.getLogger("extproc.workers")
 RESTART_DELAY_S = 1.0
 RELOAD_DEADLINE_S = 5.0
+DECISION_FILE = "decision"  # "pending|commit|abort <version>", written by the supervisor
+# How long a staged worker waits for the verdict: staging, clusters warming, Envoy's answer.
+DECISION_WAIT_S = RELOAD_DEADLINE_S + CLUSTER_WAIT_SECONDS + ACCEPT_WAIT_SECONDS + 5.0
 MAX_BACKOFF_S = 60.0
 
 
 def report_version(control_dir: Path, version: str) -> None:
     """A worker's answer to SIGHUP: the policy version it now serves."""
     atomic_write(control_dir / f"{os.getpid()}.version", version)
+
+
+class StagedCommit:
+    """A worker's delivery step: say the config is staged, then wait for the supervisor's verdict.
+
+    Not armed for the worker's first load: the supervisor delivered that config already.
+    """
+
+    def __init__(self, control_dir: Path) -> None:
+        self.control_dir = control_dir
+        self.armed = False
+
+    def __call__(self, _config: GatewayConfig, version: str) -> None:
+        if not self.armed:
+            return
+        atomic_write(self.control_dir / f"{os.getpid()}.staged", version)
+        end = time.monotonic() + DECISION_WAIT_S
+        while time.monotonic() < end:
+            try:
+                verdict = (self.control_dir / DECISION_FILE).read_text()
+            except OSError:
+                verdict = ""
+            if verdict == f"commit {version}":
+                return
+            if verdict == f"abort {version}":
+                raise DeliveryError(f"config {version} was not delivered to every worker and Envoy")
+            time.sleep(0.01)
+        raise DeliveryError(f"no verdict on config {version} within {DECISION_WAIT_S:.0f}s")
 
 
 class Supervisor:
@@ -75,15 +115,24 @@ class Supervisor:
         self._recorded: tuple[bool, str, str] = (False, "", "")  # as last written to the record
 
     def _roll_out(self, config: GatewayConfig, version: str) -> None:
-        """Every worker reloads and confirms before Envoy gets the new routes."""
-        for worker in self.workers:
-            worker.send_signal(signal.SIGHUP)
-        if self.workers and not self._confirmed(version):
-            raise DeliveryError(
-                f"not every worker loaded config {version} within {RELOAD_DEADLINE_S:.0f}s"
-            )
-        if self.writer is not None:
-            self.writer.write(config, version)
+        """Every worker stages, Envoy takes the files, then every worker commits (or none)."""
+        decision = self.run_dir / DECISION_FILE
+        for staged in self.run_dir.glob("*.staged"):
+            staged.unlink(missing_ok=True)  # an earlier attempt's reports do not count
+        atomic_write(decision, f"pending {version}")
+        try:
+            for worker in self.workers:
+                worker.send_signal(signal.SIGHUP)
+            if self.workers and not self._confirmed(version):
+                raise DeliveryError(
+                    f"not every worker staged config {version} within {RELOAD_DEADLINE_S:.0f}s"
+                )
+            if self.writer is not None:
+                self.writer.write(config, version)
+        except BaseException:
+            atomic_write(decision, f"abort {version}")
+            raise
+        atomic_write(decision, f"commit {version}")
 
     def _load(self) -> bool:
         """A failed load is passed on too: each worker then reports it in health and metrics."""
@@ -96,7 +145,7 @@ class Supervisor:
     def _confirmed(self, version: str) -> bool:
         deadline = time.monotonic() + RELOAD_DEADLINE_S
         while time.monotonic() < deadline:
-            reports = [self.run_dir / f"{worker.pid}.version" for worker in self.workers]
+            reports = [self.run_dir / f"{worker.pid}.staged" for worker in self.workers]
             if all(path.exists() and path.read_text() == version for path in reports):
                 return True
             time.sleep(0.02)

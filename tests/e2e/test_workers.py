@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from harness import Gateway, RecordingUpstream, credential_route, free_port, http1
 
-from extproc.runtime.workers import Supervisor
+from extproc.runtime.workers import DECISION_FILE, Supervisor
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +133,8 @@ def test_sighup_at_any_moment_of_a_workers_start_is_safe(tmp_path: Path) -> None
             assert time.monotonic() < end, "worker never reported its version"
             worker.send_signal(signal.SIGHUP)
             time.sleep(0.005)
+        # Answer as the supervisor would: the staged config (the same one) may be committed.
+        (supervisor.run_dir / DECISION_FILE).write_text(f"commit {report.read_text()}")
         report.unlink()
         worker.send_signal(signal.SIGHUP)  # taken by the handler: the worker reports again
         wait_for(lambda: report.exists() or worker.poll() is not None)
@@ -141,3 +143,45 @@ def test_sighup_at_any_moment_of_a_workers_start_is_safe(tmp_path: Path) -> None
         worker.terminate()
         worker.wait(10)
         shutil.rmtree(supervisor.run_dir, ignore_errors=True)
+
+
+def test_workers_keep_the_old_key_while_envoy_cannot_take_the_change_and_all_switch_on_retry(
+    tmp_path: Path, upstream: RecordingUpstream, start_gateway: Callable[..., Gateway]
+) -> None:
+    """A reload over workers is one transaction: staged everywhere, committed only with Envoy."""
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-first\n")
+    metrics_port = free_port()
+    gateway = start_gateway(
+        [credential_route("a", upstream.url(), {"file": str(key_file)})],
+        extproc={"workers": 2},
+        top={"metrics": {"address": "127.0.0.1", "port": metrics_port}},
+    )
+    assert gateway.xds_dir is not None
+    routes_file = gateway.xds_dir / "rds.json"
+    kept = routes_file.with_name("rds.kept")
+    routes_file.replace(kept)
+    routes_file.mkdir()  # no write of Envoy's routes can succeed (even as root)
+    key_file.write_text("sk-second\n")
+    wait_for(lambda: "gateway_config_last_reload_success 0.0" in metrics_text(metrics_port))
+    upstream.clear()
+    for _ in range(20):
+        with http1(gateway.base_url) as client:  # a new connection each time: both workers
+            assert client.get("/a/x").status_code == 200
+    assert {r.values("x-api-key")[0] for r in upstream.requests} == {b"sk-first"}
+
+    routes_file.rmdir()
+    kept.replace(routes_file)
+    with http1(gateway.base_url) as client:
+
+        def rotated() -> bool:
+            upstream.clear()
+            assert client.get("/a/x").status_code == 200
+            return upstream.only_request().values("x-api-key") == [b"sk-second"]
+
+        wait_for(rotated, 60)
+    upstream.clear()
+    for _ in range(20):
+        with http1(gateway.base_url) as client:
+            assert client.get("/a/x").status_code == 200
+    assert {r.values("x-api-key")[0] for r in upstream.requests} == {b"sk-second"}
