@@ -33,7 +33,7 @@ class Case(NamedTuple):
 
 
 CASES = (
-    Case("response.code_details.startsWith('ext_proc_error')", errors.UNAVAILABLE,
+    Case("response.code_details.startsWith('ext_proc_error')", errors.API_ERROR,
          "The gateway's credential check did not answer (its processor is down or too slow), "
          "so the request was not sent upstream. Try again shortly."),
     Case("response.code == 503", errors.UNAVAILABLE,

@@ -205,13 +205,13 @@ def test_the_processor_down_or_too_slow_is_a_5xx_in_each_routes_shape(
     gateway, upstream = keyed(extproc={"timeout_ms": 1000})
     gateway.stop_extproc()
     down = [anthropic_error(gateway, "/anthropic", BOB), openai_error(gateway, "/openai/v1", BOB)]
-    assert [(e.status, e.kind) for e in down] == [(503, "overloaded_error"), (503, "service_unavailable")]  # fmt: skip
+    assert [(e.status, e.kind) for e in down] == [(503, "api_error"), (503, "server_error")]  # fmt: skip
     with silent_listener(gateway.extproc_port):
         slow = [
             anthropic_error(gateway, "/anthropic", BOB),
             openai_error(gateway, "/openai/v1", BOB),
         ]
-    assert [(e.status, e.kind) for e in slow] == [(504, "overloaded_error"), (504, "service_unavailable")]  # fmt: skip
+    assert [(e.status, e.kind) for e in slow] == [(504, "api_error"), (504, "server_error")]  # fmt: skip
     for error in down + slow:
         assert readable(error.message) and "processor" in error.message, error
     assert upstream.requests == []
