@@ -1,10 +1,11 @@
 """Assemble the Envoy bootstrap, static or with file-based dynamic resources.
 
 Static: everything inline, for a one-shot ``render``. Dynamic (``xds_dir``):
-the bootstrap only names three files in that folder (listeners, routes,
-clusters), which Envoy watches; ``extproc.runtime.xds`` rewrites them atomically on
-every good config load, so routes and upstreams change without a restart and
-without dropping connections (route changes do not touch the listener).
+the bootstrap only names files in that folder (listeners, routes, clusters,
+and the listener's certificate by SDS), which Envoy watches; ``extproc.runtime.xds``
+rewrites them atomically on every good config load, so routes and upstreams change
+without a restart and without dropping connections (route changes do not touch the
+listener).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from extproc.config.model import GatewayConfig
+from extproc.render import tls
 from extproc.render.clusters import clusters
 from extproc.render.common import Json, socket_address, typed
 from extproc.render.listener import listener
@@ -29,8 +31,9 @@ HEADER = (
 )
 # JSON, not YAML: machine-read files of megabytes for many routes, which Python writes
 # and Envoy parses several times faster as JSON (1,000 routes: ~2 s less per change).
-RESOURCE_FILES = {"cds": "cds.json", "rds": "rds.json", "lds": "lds.json"}
+RESOURCE_FILES = {"sds": "sds.json", "cds": "cds.json", "rds": "rds.json", "lds": "lds.json"}
 _TYPES = {
+    "sds": "envoy.extensions.transport_sockets.tls.v3.Secret",
     "cds": "envoy.config.cluster.v3.Cluster",
     "rds": "envoy.config.route.v3.RouteConfiguration",
     "lds": "envoy.config.listener.v3.Listener",
@@ -79,11 +82,18 @@ def render_bootstrap(config: GatewayConfig, xds_dir: Path | None = None) -> Json
 def render_resources(
     config: GatewayConfig, xds_dir: Path, extra_clusters: list[Json]
 ) -> dict[str, Json]:
-    """The three discovery files for ``xds_dir``, by kind (cds, rds, lds)."""
+    """The discovery files for ``xds_dir``, by kind (sds: the listener's certificate)."""
     found = {
         "cds": clusters(config) + extra_clusters,
         "rds": [route_config(config)],
-        "lds": [listener(config, rds_source=file_source(xds_dir, "rds"))],
+        "sds": tls.secrets(config.listener.tls),
+        "lds": [
+            listener(
+                config,
+                rds_source=file_source(xds_dir, "rds"),
+                sds_source=file_source(xds_dir, "sds"),
+            )
+        ],
     }
     return {
         kind: {"resources": [{"@type": "type.googleapis.com/" + _TYPES[kind], **r} for r in items]}

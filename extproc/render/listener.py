@@ -134,13 +134,15 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
     )
 
 
-def listener(config: GatewayConfig, rds_source: Json | None = None) -> Json:
+def listener(
+    config: GatewayConfig, rds_source: Json | None = None, sds_source: Json | None = None
+) -> Json:
     hcm = connection_manager(config, rds_source)
     chain: Json = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
     if config.listener.tls is not None:
-        chain["transport_socket"] = tls.downstream(config.listener.tls)
+        chain["transport_socket"] = tls.downstream(config.listener.tls, sds_source)
     return {
         "name": "gateway",
         # /drain_listeners?inboundonly (used by `up` on SIGTERM) drains only INBOUND listeners.

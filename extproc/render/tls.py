@@ -12,24 +12,47 @@ from pathlib import Path
 from extproc.config.model import TlsFiles, Upstream
 from extproc.render.common import Json, is_ip, typed
 
+LISTENER_CERTIFICATE = "listener-certificate"  # the SDS resource's name
 
-def downstream(files: TlsFiles) -> Json:
-    context = {
-        "common_tls_context": {
-            "alpn_protocols": ["h2", "http/1.1"],
-            "tls_certificates": [
-                {
-                    "certificate_chain": {"filename": str(files.cert_file)},
-                    "private_key": {"filename": str(files.key_file)},
-                }
-            ],
-        }
-    }
+
+def downstream(files: TlsFiles, sds_source: Json | None = None) -> Json:
+    """The listener's TLS: its certificate inline, or by SDS from ``sds_source`` (a watched file).
+
+    By SDS, Envoy re-reads the certificate and key whenever a file is moved into their
+    folder (a rotation), and new connections get the new certificate without a restart.
+    """
+    if sds_source is None:
+        certificates: Json = {"tls_certificates": [_certificate(files)]}
+    else:
+        config = {"name": LISTENER_CERTIFICATE, "sds_config": sds_source}
+        certificates = {"tls_certificate_sds_secret_configs": [config]}
+    context = {"common_tls_context": {"alpn_protocols": ["h2", "http/1.1"], **certificates}}
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": typed(
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", **context
         ),
+    }
+
+
+def secrets(files: TlsFiles | None) -> list[Json]:
+    """The SDS resources (the listener's certificate, when it has TLS).
+
+    ``watched_directory`` makes a rename in the files' folder (``mv``, cert-manager,
+    Kubernetes' ``..data`` swap) the signal to re-read both files together.
+    """
+    if files is None:
+        return []
+    certificate = _certificate(files)
+    if files.cert_file.parent == files.key_file.parent:
+        certificate["watched_directory"] = {"path": str(files.cert_file.parent)}
+    return [{"name": LISTENER_CERTIFICATE, "tls_certificate": certificate}]
+
+
+def _certificate(files: TlsFiles) -> Json:
+    return {
+        "certificate_chain": {"filename": str(files.cert_file)},
+        "private_key": {"filename": str(files.key_file)},
     }
 
 

@@ -35,7 +35,7 @@ from extproc.runtime.envoy_admin import admin_get
 log = logging.getLogger("extproc.runtime.xds")
 CLUSTER_WAIT_SECONDS = 5.0
 ACCEPT_WAIT_SECONDS = 10.0
-KINDS = ("cds", "rds", "lds")
+KINDS = ("sds", "cds", "rds", "lds")  # the certificate before the listener that names it
 # One stat each: the version Envoy last accepted from that file (the route config is "gateway").
 VERSION_STATS = {
     "cds": "cluster_manager.cds.version_text",

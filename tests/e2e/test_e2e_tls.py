@@ -2,11 +2,16 @@
 
 Upstream: the route's ``ca_file`` decides whom Envoy trusts; a certificate from
 another CA must stop the connection before any header (so any key) is sent.
-Downstream: ``listener.tls`` serves HTTP/1.1 and HTTP/2 (ALPN) to clients.
+Downstream: ``listener.tls`` serves HTTP/1.1 and HTTP/2 (ALPN) to clients, and a
+certificate rotated on disk is served to new connections without a restart (SDS).
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,3 +146,48 @@ def test_tls_listener_keeps_raw_credential_bytes_over_http1(
     reply = raw_request(gateway.listener_port, "/anthropic/v1/messages", headers, tls=context)
     assert reply.status == 200
     assert upstream.only_request().values("x-api-key") == [b"sk-\xe9-client"]
+
+
+def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
+    """The DER certificate a new TLS connection to the listener is given."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as connection,
+    ):
+        der = connection.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def rotate(certs: CertFiles) -> bytes:
+    """A new certificate from the same CA moved over the listener's files; returns its DER."""
+    leaf = certs.ca.issue_cert("localhost", "127.0.0.1")
+    folder = certs.cert_file.parent
+    leaf.private_key_pem.write_to_path(str(folder / ".key.new"))
+    for index, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(folder / ".cert.new"), append=index > 0)
+    os.replace(folder / ".key.new", certs.key_file)  # renames: what cert-manager and mv do
+    os.replace(folder / ".cert.new", certs.cert_file)
+    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+
+def test_a_rotated_listener_certificate_is_served_to_new_connections_without_a_restart(
+    tls_gateway: tuple[Gateway, CertFiles], upstream: RecordingUpstream
+) -> None:
+    gateway, certs = tls_gateway
+    context = certs.client_context()
+    first = served_certificate(gateway.listener_port, context)
+    assert first == ssl.PEM_cert_to_DER_cert(certs.cert_file.read_text().split("\n\n")[0])
+    envoy = gateway.envoy_process
+    rotated = rotate(certs)
+    assert rotated != first
+    deadline = time.monotonic() + 30
+    while (served := served_certificate(gateway.listener_port, context)) != rotated:
+        assert served == first, "the listener served a certificate that is neither"
+        assert time.monotonic() < deadline, "Envoy still serves the old certificate after 30 s"
+        time.sleep(0.1)
+    assert gateway.envoy_process is envoy and envoy is not None and envoy.poll() is None
+    with http2(gateway.base_url, verify=context) as client:
+        reply = client.post("/anthropic/v1/messages", json={})
+    assert reply.status_code == 200
+    assert upstream.only_request().values("x-api-key") == [SERVER_KEY.encode()]
