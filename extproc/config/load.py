@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extproc.config import model, tlsfiles
+from extproc.config.identity import SSO
+from extproc.config.identity import sso as parse_sso
 from extproc.config.limits import LIMITS
 from extproc.config.limits import limits as parse_limits
 from extproc.config.model import KEY_PREFIX
@@ -92,6 +94,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         top.section("limits", LIMITS), problems, parser.secret, workers, bool(metering)
     )
     spend = parse_spend(top.section("spend", SPEND), problems, parser.secret, base, bool(metering))
+    sso = parse_sso(top.section("sso", SSO), problems, base)
     tcp_extproc = extproc if extproc and not extproc.socket else None
     _check_ports(top, listener, admin, tcp_extproc, metrics if top.has("metrics") else None)
     _check_failure_mode(problems, extproc, routes)
@@ -112,12 +115,13 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
         metering_flush_ms=flush_ms or 250,
         limits=limits,
         spend=spend,
+        sso=sso,
     )
 
 
 _TOP = [
     "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering",
-    "metering_flush_ms", "limits", "spend", "ca_bundle", "routes",
+    "metering_flush_ms", "limits", "spend", "sso", "ca_bundle", "routes",
 ]  # fmt: skip
 _LISTENER = [
     "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",

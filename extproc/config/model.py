@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # spend.py builds on this module's types
+    from extproc.config.identity import Sso
     from extproc.config.spend import Spend
 
 DEFAULT_CLIENT_CREDENTIALS = ("authorization", "x-api-key")
@@ -249,6 +250,7 @@ class GatewayConfig:
     metering_flush_ms: int = 250  # Envoy sends usage records to the processor this often
     limits: Limits | None = None
     spend: Spend | None = None  # prices, budgets in USD, the ledger
+    sso: Sso | None = None  # people's JWTs from the organisation's OpenID provider
 
     def with_socket(self, socket: Path | None) -> GatewayConfig:
         """This config with the processor on ``socket`` (``up`` uses a private one)."""

@@ -30,6 +30,7 @@ from extproc.policy import responses
 from extproc.policy.access import GatewayKeys, KeysFileError, KeyTable, read_keys
 from extproc.policy.decision import Outcome, RouteRule
 from extproc.policy.limits import LimitTable, Refusal
+from extproc.policy.people import Claims
 from extproc.policy.secrets import Secret, SecretError, read_secret
 
 _NO_KEY = (Outcome.DENIED, Outcome.NO_CREDENTIAL)  # a 401 saying how to send a gateway key
@@ -103,6 +104,7 @@ class Policy:
     missing_optional: tuple[str, ...] = ()  # routes whose optional secret is absent
     keys: Mapping[Path, KeyTable] = field(default_factory=dict, repr=False)  # by keys file
     limits: LimitTable | None = None  # per-client limits on the organisation's key
+    sso: Claims | None = None  # people's verified JWTs: which claims name them
 
 
 def compile_policy(
@@ -146,7 +148,8 @@ def compile_policy(
     version = _version(config, compiled, tables)
     table = LimitTable.of(limits) if limits else None
     held = MappingProxyType(tables)
-    return Policy(MappingProxyType(compiled), version, tuple(missing), held, table)
+    sso = Claims(config.sso.client_claim, config.sso.groups_claim) if config.sso else None
+    return Policy(MappingProxyType(compiled), version, tuple(missing), held, table, sso)
 
 
 def _read_secret(route: Route, environ: Mapping[str, str]) -> Secret | None:

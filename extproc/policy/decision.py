@@ -159,22 +159,25 @@ def _add(names: list[str], name: str) -> None:
         names.append(name)
 
 
-def decide(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> Decision:
+def decide(
+    rule: RouteRule, headers: Iterable[tuple[str, bytes]], person: Identity | None = None
+) -> Decision:
     """Decide for one request; ``headers`` are (name, raw value) pairs as Envoy sent them.
 
     Names are compared case-insensitively; values are bytes, so non-UTF-8
     bytes anywhere never matter. Repeated credential headers count as filled if
     any copy is filled; gateway keys presented more than once must all be the
-    same key.
+    same key. ``person`` is who a JWT verified by Envoy names: it stands for a valid
+    gateway key (a key sent beside it must name the same client).
     """
     seen = _scan(rule, headers)
     who = _NOBODY
     # A gateway key in a credential slot is always checked: it must not pass on as a
     # credential. One in the access header only when needed (Envoy strips that header).
-    if seen.keyed or _needs_key(rule, seen.paying is not None):
-        found = _identify(rule.keys, seen.presented)
+    if person is not None or seen.keyed or _needs_key(rule, seen.paying is not None):
+        found = _vouched(rule.keys, seen.presented, person)
         if found is None:  # nothing at all (Claude Code's HEAD at start-up) is not a bad key
-            nothing = not seen.presented and seen.paying is None
+            nothing = person is None and not seen.presented and seen.paying is None
             return Decision(Outcome.NO_CREDENTIAL if nothing else Outcome.DENIED)
         who = (found.name, found.expires, found.teams)
     if seen.paying is not None and rule.mode.client_passes:
@@ -196,6 +199,20 @@ def _needs_key(rule: RouteRule, paying: bool) -> bool:
         return False
     spends_ours = not paying or not rule.mode.client_passes
     return spends_ours or rule.keys.for_client_credentials
+
+
+def _vouched(
+    keys: GatewayKeys | None, presented: set[bytes], person: Identity | None
+) -> Identity | None:
+    """Who a valid gateway key or a verified JWT names (both, when both are sent, the same)."""
+    if person is None:
+        return _identify(keys, presented)
+    if not person.name:
+        return None
+    key = _identify(keys, presented) if presented else person
+    if key is None or key.name != person.name:
+        return None
+    return Identity(person.name, person.teams)  # never expires here: Envoy checked the token
 
 
 def _identify(keys: GatewayKeys | None, presented: set[bytes]) -> Identity | None:

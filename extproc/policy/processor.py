@@ -65,7 +65,9 @@ def process(
             return Answer(_NO_ROUTE, "", None)
         return Answer(_UNKNOWN_ROUTE, route_name, Outcome.UNKNOWN_ROUTE)
     headers = request.request_headers.headers.headers
-    decision = decide(route.rule, ((h.key, h.raw_value) for h in headers))
+    sso = policy.sso  # a person's JWT, verified by Envoy: its payload, never the token
+    person = sso.identify(request.metadata_context.filter_metadata) if sso else None
+    decision = decide(route.rule, ((h.key, h.raw_value) for h in headers), person)
     outcome, client = decision.outcome, decision.client
     if client and decision.expires <= clock():
         outcome = Outcome.EXPIRED  # a 401 for this client: no limit or budget applies

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from extproc.config.model import GatewayConfig, Route
-from extproc.render import tls
+from extproc.render import jwt, tls
 from extproc.render.common import (
     ACCESSLOG_CLUSTER,
     EXTPROC_CLUSTER,
@@ -76,4 +76,6 @@ def clusters(config: GatewayConfig) -> list[Json]:
     out.append(extproc_cluster(config))  # any route may have a gateway key to check
     if config.metering:  # the access-log service, on the same processor
         out.append(extproc_cluster(config, ACCESSLOG_CLUSTER))
+    if (keys := jwt.jwks_cluster(config)) is not None:  # the OpenID provider's keys
+        out.append(keys)
     return out

@@ -14,7 +14,7 @@ from extproc.config.model import (
     FailureMode,
     GatewayConfig,
 )
-from extproc.render import metering
+from extproc.render import jwt, metering
 from extproc.render.common import (
     EXTPROC_CLUSTER,
     EXTPROC_FILTER,
@@ -63,6 +63,14 @@ def forward_rules(config: GatewayConfig) -> Json:
     return {"allowed_headers": {"patterns": patterns}}
 
 
+def _metadata_options(config: GatewayConfig) -> Json:
+    """The processor writes its own namespace; with SSO it reads the verified JWT payloads."""
+    options: Json = {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}}
+    if config.sso is not None:
+        options["forwarding_namespaces"] = {"untyped": [jwt.NAMESPACE]}
+    return options
+
+
 def http_filter(config: GatewayConfig) -> Json:
     settings = config.extproc
     timeout = seconds(settings.timeout_ms / 1000)
@@ -88,7 +96,7 @@ def http_filter(config: GatewayConfig) -> Json:
         allow_mode_override=False,
         mutation_rules=mutation_rules(config),
         forward_rules=forward_rules(config),
-        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        metadata_options=_metadata_options(config),
     )
     return {"name": EXTPROC_FILTER, "typed_config": filter_config}
 

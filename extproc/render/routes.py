@@ -23,7 +23,7 @@ from extproc.config.model import (
     GatewayConfig,
     Route,
 )
-from extproc.render import extproc_filter, local_replies, metering
+from extproc.render import extproc_filter, jwt, local_replies, metering
 from extproc.render.common import EXTPROC_FILTER, METERING_FILTER, Json, cluster_name, seconds
 
 # Envoy joins repeated headers with ',' before matching. A value with a character
@@ -86,7 +86,7 @@ def _contains(header: str, text: str, invert: bool = False) -> Json:
     return matcher
 
 
-def _client_pays(route: Route) -> list[Json]:
+def _client_pays(route: Route, no_tokens: list[Json]) -> list[Json]:
     """Header-matched copies of ``route`` that skip the processor.
 
     Each one needs a filled client credential that contains no placeholder and
@@ -96,6 +96,7 @@ def _client_pays(route: Route) -> list[Json]:
     credential = route.credential
     assert credential is not None
     no_keys = [_contains(slot, KEY_PREFIX, invert=True) for slot in credential.slots]
+    no_keys += no_tokens  # a person's JWT anywhere: the processor names them
     copies = []
     for header in credential.client_credentials:
         filled = NON_BLANK_AUTHORIZATION if header == "authorization" else NON_BLANK
@@ -127,7 +128,7 @@ def _keyed(route: Route) -> list[Json]:
     ]
 
 
-def _routes_for(route: Route, fast_path: bool) -> list[Json]:
+def _routes_for(route: Route, fast_path: bool, no_tokens: list[Json]) -> list[Json]:
     main: Json = {
         "name": route.envoy_name,
         "match": _match(route),
@@ -142,7 +143,7 @@ def _routes_for(route: Route, fast_path: bool) -> list[Json]:
     # credentials too, or that does not pass a client's credential, asks it always.
     strict = route.access is not None and route.access.for_client_credentials
     skip = fast_path and not strict and credential.mode.client_passes
-    return [*(_client_pays(route) if skip else []), main]
+    return [*(_client_pays(route, no_tokens) if skip else []), main]
 
 
 def _not_found() -> Json:
@@ -176,7 +177,8 @@ def _no_trace() -> Json:
 
 
 def route_config(config: GatewayConfig) -> Json:
-    routes = [r for route in config.routes for r in _routes_for(route, config.extproc.fast_path)]
+    fast, no_tokens = config.extproc.fast_path, jwt.no_token_matchers(config)
+    routes = [r for route in config.routes for r in _routes_for(route, fast, no_tokens)]
     if config.metering:
         metering.identity_upstream(routes)
     table: Json = {

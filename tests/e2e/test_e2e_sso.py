@@ -1,0 +1,127 @@
+"""People from the organisation's SSO through real Envoy and a real OpenID provider.
+
+``oidc-provider`` (npm, pinned) issues real RS256 access tokens by the
+client-credentials grant; Envoy's ``jwt_authn`` checks them against the keys it
+found through the provider's discovery document. A person's email names the
+client in the access log; wrong-audience, expired and tampered tokens get 401 in
+the provider's shape; gateway keys and own credentials keep working beside
+tokens; no token reaches the upstream or a log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness import Gateway, RecordedRequest, RecordingUpstream, credential_route, raw_request
+from harness.adversary import leaks, poll
+from harness.oidc import OpenIdProvider, Person
+
+from extproc.policy.access import key_digest
+
+pytestmark = pytest.mark.slow  # starts real Envoy, processor and OpenID provider processes
+
+SERVER_KEY = "sk-ant-api03-server-key-sso"
+AUDIENCE = "https://gateway.test"
+GATEWAY_KEY = "gk-ci-bot-0123456789abcdef0123456789abcdef"
+OAUTH = "sk-ant-oat01-subscription-token-of-carol"
+PEOPLE = [
+    Person("alice-cli", "alice@example.com", ("ml", "platform")),
+    Person("bob-cli", "bob@example.com", ("sales",), ttl=2),
+]
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> Iterator[OpenIdProvider]:
+    oidc = OpenIdProvider(tmp_path, PEOPLE).start()
+    try:
+        yield oidc
+    finally:
+        oidc.stop()
+
+
+@pytest.fixture
+def gateway(
+    start_gateway: Callable[..., Gateway],
+    upstream: RecordingUpstream,
+    provider: OpenIdProvider,
+    tmp_path: Path,
+) -> Gateway:
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"ci-bot sha256:{key_digest(GATEWAY_KEY)} teams=ci\n")
+    sso = {"issuer": provider.issuer, "audiences": [AUDIENCE], "clock_skew_s": 1}
+    return start_gateway(
+        [credential_route("sso", upstream.url())],
+        env={"SSO_KEY": SERVER_KEY},
+        top={"access": {"keys_file": str(keys_file)}, "sso": sso},
+    )
+
+
+def _send(gateway: Gateway, headers: list[tuple[str, str]]) -> tuple[int, dict[str, object]]:
+    reply = raw_request(gateway.listener_port, "/sso/v1/messages", headers)
+    body = json.loads(reply.body) if reply.body.startswith(b"{") else {}
+    return reply.status, body
+
+
+def _clients(gateway: Gateway, count: int) -> list[object]:
+    """The access log's client field of the first ``count`` requests (Envoy flushes on a timer)."""
+    lines = poll(lambda: (log := gateway.access_log()) and len(log) >= count and log, "logged")
+    return [line.get("client") for line in lines]
+
+
+def _blob(request: RecordedRequest) -> bytes:
+    return repr(request.headers).encode() + request.body
+
+
+def test_a_persons_token_names_them_and_never_goes_upstream(
+    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider
+) -> None:
+    token = provider.token("alice-cli", AUDIENCE)
+    # Claude Code's apiKeyHelper: the same token as x-api-key and Authorization: Bearer.
+    status, _ = _send(gateway, [("x-api-key", token), ("authorization", f"Bearer {token}")])
+    assert status == 200
+    seen = upstream.only_request()
+    assert seen.values("x-api-key") == [SERVER_KEY.encode()]
+    assert not seen.has("authorization")
+    assert _clients(gateway, 1) == ["alice@example.com"]
+    assert not leaks([token], _blob(seen), gateway.logs(), provider.logs())
+
+
+def test_refused_tokens_get_401_in_the_providers_shape(
+    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider
+) -> None:
+    good = provider.token("alice-cli", AUDIENCE)
+    head, payload, signature = good.split(".")
+    tampered = ".".join(
+        (head, payload, signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB"))
+    )
+    other_audience = provider.token("alice-cli", "https://another.test")
+    short = provider.token("bob-cli", AUDIENCE)  # lives 2 s
+    for token in (tampered, other_audience):
+        status, body = _send(gateway, [("x-api-key", token)])
+        assert status == 401, token[:10]
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    poll(lambda: _send(gateway, [("x-api-key", short)])[0] == 401, "refusing an expired token")
+    assert upstream.requests == [] or all(
+        not leaks([tampered, other_audience, short], _blob(r)) for r in upstream.requests
+    )
+
+
+def test_keys_and_own_credentials_work_beside_tokens(
+    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider
+) -> None:
+    token = provider.token("alice-cli", AUDIENCE)
+    assert _send(gateway, [("x-api-key", GATEWAY_KEY)])[0] == 200
+    assert upstream.only_request().values("x-api-key") == [SERVER_KEY.encode()]
+    upstream.clear()
+    # A subscription user: the OAuth token stays in Authorization, the JWT in the access header.
+    headers = [("authorization", f"Bearer {OAUTH}"), ("x-gateway-key", token)]
+    assert _send(gateway, headers)[0] == 200
+    seen = upstream.only_request()
+    assert seen.values("authorization") == [f"Bearer {OAUTH}".encode()]
+    assert not seen.has("x-gateway-key") and not seen.has("x-api-key")
+    assert _clients(gateway, 2) == ["ci-bot", "alice@example.com"]
+    assert not leaks([token, GATEWAY_KEY], _blob(seen), gateway.logs())
