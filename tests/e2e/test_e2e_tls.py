@@ -27,6 +27,7 @@ from harness import (
     make_certs,
     raw_request,
 )
+from harness.liveops import LiveGateway
 
 SERVER_KEY = "sk-ant-api03-server-key-tls"
 CLIENT_KEY = "sk-ant-api03-client-key-tls"
@@ -191,3 +192,20 @@ def test_a_rotated_listener_certificate_is_served_to_new_connections_without_a_r
         reply = client.post("/anthropic/v1/messages", json={})
     assert reply.status_code == 200
     assert upstream.only_request().values("x-api-key") == [SERVER_KEY.encode()]
+
+
+def test_a_mistyped_ca_file_on_a_live_reload_fails_the_reload_and_the_old_config_serves_on(
+    start_live: Callable[..., LiveGateway], tls_upstream: tuple[RecordingUpstream, Path]
+) -> None:
+    upstream, ca_file = tls_upstream
+    route = tls_route(upstream, ca_file)
+    gateway = start_live([route], env={"ANTHROPIC_KEY": SERVER_KEY})
+    assert gateway.metric("gateway_config_last_reload_success") == 1
+    gateway.reconfigure([{**route, "name": "renamed", "ca_file": str(ca_file) + ".typo"}])
+    gateway.wait_metric("gateway_config_last_reload_success", lambda v: v == 0)
+    with http1(gateway.base_url) as client:
+        reply = client.post("/anthropic/v1/messages", json={})
+    assert reply.status_code == 200  # the route and cluster of the last good config
+    assert upstream.only_request().values("x-api-key") == [SERVER_KEY.encode()]
+    log = gateway.extproc_log.read_text()
+    assert f"routes[0].ca_file: certificate file {ca_file}.typo cannot be read" in log
