@@ -1,4 +1,4 @@
-"""Command line: validate, render, serve, up, health, status, keygen, keys."""
+"""Command line: validate, render, serve, up, health, status, keygen, keys, spend, token."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from extproc import keys_cli, spend_cli
+from extproc import keys_cli, spend_cli, token_cli
 from extproc.config.load import load_config, warnings
 from extproc.config.sections import ConfigError
 from extproc.policy.compiled import compile_policy
@@ -130,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
     add("status", _status, "show what is served: config versions, store, route and client counts")
     keys_cli.register(commands)  # keygen, keys add | rotate | revoke | list
     spend_cli.register(commands)  # spend totals and a client's budgets, from the ledger
+    token_cli.register(commands)  # a person's SSO token, for Claude Code's apiKeyHelper
     return root
 
 

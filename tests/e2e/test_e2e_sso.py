@@ -11,12 +11,22 @@ tokens; no token reaches the upstream or a log.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Gateway, RecordedRequest, RecordingUpstream, credential_route, raw_request
+from harness import (
+    Gateway,
+    RecordedRequest,
+    RecordingUpstream,
+    base_env,
+    credential_route,
+    raw_request,
+)
 from harness.adversary import leaks, poll
+from harness.gateway import ROOT
 from harness.oidc import OpenIdProvider, Person
 
 from extproc.policy.access import key_digest
@@ -125,3 +135,47 @@ def test_keys_and_own_credentials_work_beside_tokens(
     assert not seen.has("x-gateway-key") and not seen.has("x-api-key")
     assert _clients(gateway, 2) == ["ci-bot", "alice@example.com"]
     assert not leaks([token, GATEWAY_KEY], _blob(seen), gateway.logs())
+
+
+def _token_command(
+    provider: OpenIdProvider, client_id: str, cache: Path, secret: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``python -m extproc token …`` as Claude Code's apiKeyHelper would run it."""
+    env = base_env({"OIDC_SECRET": secret or provider.secret_of(client_id)})
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "token", "--issuer", provider.issuer,
+         "--client-id", client_id, "--secret-env", "OIDC_SECRET", "--audience", AUDIENCE,
+         "--scope", "api", "--cache", str(cache)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_the_token_command_gets_caches_and_renews_a_token(
+    gateway: Gateway, provider: OpenIdProvider, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache" / "alice.json"
+    first = _token_command(provider, "alice-cli", cache)
+    assert first.returncode == 0, first.stderr
+    token = first.stdout.strip()
+    assert _send(gateway, [("x-api-key", token)])[0] == 200
+    assert cache.stat().st_mode & 0o777 == 0o600
+    provider.stop()  # cached: no round trip to the provider
+    assert _token_command(provider, "alice-cli", cache).stdout.strip() == token
+    provider.start()
+    short_cache = tmp_path / "cache" / "bob.json"
+    short = _token_command(provider, "bob-cli", short_cache).stdout.strip()
+    assert short
+    # 2 s to live: renewed once less than a fifth of that is left, never handed out expired.
+    poll(
+        lambda: _token_command(provider, "bob-cli", short_cache).stdout.strip() != short, "renewed"
+    )
+
+
+def test_the_token_command_fails_in_one_line_naming_no_secret(
+    provider: OpenIdProvider, tmp_path: Path
+) -> None:
+    wrong = "not-the-secret-of-alice-0123456789"
+    done = _token_command(provider, "alice-cli", tmp_path / "t.json", secret=wrong)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"token: {provider.issuer}/token: HTTP 401 invalid_client\n"
+    assert wrong not in done.stderr

@@ -23,6 +23,7 @@ from extproc.policy.decision import Outcome, RouteRule, decide
 from extproc.policy.people import NAMESPACE, NOBODY, Claims
 from extproc.render import jwt
 from extproc.render.bootstrap import render_bootstrap
+from extproc.token_cli import cached
 
 BASE = """\
 listener: {address: 127.0.0.1, port: 4000}
@@ -196,3 +197,14 @@ def test_a_token_naming_nobody_or_beside_another_clients_key_is_denied() -> None
     assert decide(RULE, [], NOBODY).outcome is Outcome.DENIED
     beside = decide(RULE, [("x-api-key", GK)], Identity("a@x.org"))
     assert beside.outcome is Outcome.DENIED
+
+
+def test_a_cached_token_is_renewed_before_it_expires(tmp_path: Path) -> None:
+    cache = tmp_path / "token.json"
+    assert cached(cache, 0.0) is None  # no file
+    cache.write_text(json.dumps({"access_token": "t", "issued_at": 1000, "expires_at": 1600}))
+    assert cached(cache, 1000.0) == "t"
+    assert cached(cache, 1479.0) == "t"
+    assert cached(cache, 1480.0) is None  # a fifth of its 10 minutes left: renew
+    cache.write_text("{not json")
+    assert cached(cache, 1000.0) is None
