@@ -158,8 +158,8 @@ def test_a_second_up_on_a_taken_listener_port_refuses_to_start_and_the_first_kee
     assert len(upstream.requests) == 10
 
 
-@pytest.mark.parametrize("role", ["admin", "metrics"])
-def test_up_refuses_a_taken_admin_or_metrics_port_in_one_line_without_a_traceback(
+@pytest.mark.parametrize("role", ["admin", "metrics", "extproc"])
+def test_up_refuses_a_taken_admin_metrics_or_extproc_port_in_one_line_without_a_traceback(
     run_up: Callable[..., Up], role: str
 ) -> None:
     with socket.socket() as squatter:
@@ -167,6 +167,8 @@ def test_up_refuses_a_taken_admin_or_metrics_port_in_one_line_without_a_tracebac
         squatter.listen()
         port = squatter.getsockname()[1]
         endpoint = {"address": "127.0.0.1", "port": port}
+        if role == "extproc":  # a TCP port only with workers (else up uses a private socket)
+            endpoint |= {"workers": 2, "timeout_ms": 5000}
         up = run_up(free_port(), {role: endpoint})
         up.wait_ready_or_exit()
         assert_refused_in_one_line(up, f"{role} port {port}")
