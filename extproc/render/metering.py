@@ -225,7 +225,8 @@ end
 
 local function start(handle)
   local headers = handle:headers()
-  if headers:get(":status") ~= "200" or headers:get("content-encoding") then return nil end
+  local coding = headers:get("content-encoding")
+  if headers:get(":status") ~= "200" or (coding and coding ~= "identity") then return nil end
   local kind = headers:get("content-type") or ""
   if find(kind, "text/event-stream", 1, true) then return {feed = sse} end
   if find(kind, "json", 1, true) then return {feed = json, json = reader(1)} end

@@ -12,16 +12,23 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import httpx
 import pytest
 from harness import Gateway, RecordingUpstream, credential_route, free_port
 from harness.adversary import scrape, write_keys
 from harness.liveops import metric_sum, poll
+from harness.tls import CertFiles, make_certs
 from harness.upstream import RecordedRequest, Reply, Responder
 
 ALICE = "gk-alice-metering-key"
@@ -323,7 +330,7 @@ def test_the_access_log_service_down_and_back(setup: Setup) -> None:
     for _ in range(3):
         reply = setup.post("/anthropic/v1/messages", {**MESSAGES, "stream": True}, key=OWN)
         assert reply.status_code == 200 and reply.content == body
-    expect_lines(setup, 3, credential_source=None, **COUNTS)
+    expect_lines(setup, 3, credential_source="client", **COUNTS)
     setup.gateway.start_extproc()
     for _ in range(4):
         assert setup.post("/anthropic/v1/messages", {**MESSAGES, "stream": True}).content == body
@@ -332,3 +339,76 @@ def test_the_access_log_service_down_and_back(setup: Setup) -> None:
     assert setup.tokens("output", client="alice") == 4 * 19
     stats = httpx.get(f"http://127.0.0.1:{setup.gateway.admin_port}/stats?filter=grpc_access_log")
     assert "logs_written" in stats.text
+
+
+class H2Upstream:
+    """A TLS upstream that speaks only HTTP/2 (ALPN h2), answering every request with
+    ``body`` in the pieces ``cuts`` give: the same meter behind Envoy's HTTP/2 codec."""
+
+    def __init__(self, certs: CertFiles, body: bytes, cuts: list[int]) -> None:
+        self.body, self.cuts = body, cuts
+        self.context = certs.server_context()
+        self.context.set_alpn_protocols(["h2"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.protocols: list[str | None] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as conn:
+                self.protocols.append(conn.selected_alpn_protocol())
+                h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+                h2c.initiate_connection()
+                conn.sendall(h2c.data_to_send())
+                while data := conn.recv(65536):
+                    for event in h2c.receive_data(data):
+                        if isinstance(event, h2.events.StreamEnded):
+                            self._answer(conn, h2c, event.stream_id)
+                    conn.sendall(h2c.data_to_send())
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            return
+
+    def _answer(self, conn: ssl.SSLSocket, h2c: h2.connection.H2Connection, stream: int) -> None:
+        h2c.send_headers(stream, [(":status", "200"), ("content-type", "text/event-stream")])
+        conn.sendall(h2c.data_to_send())
+        for piece in split(self.body, self.cuts):
+            h2c.send_data(stream, piece)
+            conn.sendall(h2c.data_to_send())
+        h2c.end_stream(stream)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_an_http2_upstream_split_anywhere_is_counted_the_same(
+    start_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    events = anthropic_events()
+    body = b"".join(events)
+    cuts = usage_event_cuts(events)[::5]
+    certs = make_certs(tmp_path / "certs", "localhost")
+    upstream = H2Upstream(certs, body, cuts)
+    try:
+        route = credential_route("anthropic", f"https://localhost:{upstream.port}",
+                                 prefix="/anthropic", ca_file=str(certs.ca_file))  # fmt: skip
+        gateway = start_gateway([route], env={"ANTHROPIC_KEY": SERVER}, top={"metering": True})
+        with httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+            for _ in range(3):
+                reply = client.post("/anthropic/v1/messages", json={**MESSAGES, "stream": True},
+                                    headers={"x-api-key": OWN})  # fmt: skip
+                assert reply.content == body
+        lines = poll(gateway.access_log, lambda found: len(found) >= 3, "access-log lines")
+        assert upstream.protocols and set(upstream.protocols) == {"h2"}
+        for line in lines:
+            assert {k: line[k] for k in COUNTS} == COUNTS, line
+    finally:
+        upstream.stop()
