@@ -159,7 +159,7 @@ def local_replies(replies: Json, config: GatewayConfig) -> Json:
         body = errors.error_json(style or ErrorStyle.ANTHROPIC, _REFUSED, errors.AUTHENTICATION)
         mappers.append(
             {
-                "filter": _cel(condition),
+                "filter": cel(condition),
                 # Envoy answers a wrong audience with 403: every refused token is a 401, so
                 # Claude Code asks its apiKeyHelper for a new one.
                 "status_code": 401,
@@ -169,7 +169,7 @@ def local_replies(replies: Json, config: GatewayConfig) -> Json:
     return {**replies, "mappers": [*mappers, *replies["mappers"]]}
 
 
-def _cel(expression: str) -> Json:
+def cel(expression: str) -> Json:
     config = typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
                    expression=expression)  # fmt: skip
     return {

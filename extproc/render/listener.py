@@ -11,7 +11,7 @@ Timeouts leave long SSE responses alone: only idle streams are cut.
 from __future__ import annotations
 
 from extproc.config.model import METADATA_NAMESPACE, GatewayConfig
-from extproc.render import extproc_filter, jwt, local_replies, metering, routes, tls
+from extproc.render import extproc_filter, jwt, local_replies, metering, models, routes, tls
 from extproc.render.common import Json, seconds, socket_address, typed
 
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -90,12 +90,18 @@ def _source_filter(decided: bool) -> Json:
     }
 
 
+def _local_replies(config: GatewayConfig) -> Json:
+    """Envoy's own answers; with SSO, refused tokens and models first."""
+    return models.local_replies(jwt.local_replies(local_replies.config(), config), config)
+
+
 def connection_manager(config: GatewayConfig, rds_source: Json | None = None) -> Json:
     """The HCM; routes inline, or from ``rds_source`` (a file Envoy watches) when given."""
     listener = config.listener
     # The decision filter is always there: any route may have a gateway key to check.
     people = jwt.http_filter(config)  # people's JWTs, checked before the processor decides
-    filters = [*([people] if people else []), extproc_filter.http_filter(config)]
+    filters = [*([people] if people else []), *models.http_filters(config)]
+    filters.append(extproc_filter.http_filter(config))
     if config.metering:  # on the response path, next to the router: counts what it sends
         filters.append(metering.lua_filter())
     filters.append(
@@ -125,7 +131,7 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
         stream_idle_timeout=seconds(listener.stream_idle_timeout_s),
         request_headers_timeout="10s",
         access_log=_access_log(config),
-        local_reply_config=jwt.local_replies(local_replies.config(), config),
+        local_reply_config=_local_replies(config),
         http_filters=filters,
         **(
             {"rds": {"route_config_name": "gateway", "config_source": rds_source}}

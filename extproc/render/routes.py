@@ -23,7 +23,7 @@ from extproc.config.model import (
     GatewayConfig,
     Route,
 )
-from extproc.render import extproc_filter, jwt, local_replies, metering
+from extproc.render import extproc_filter, jwt, local_replies, metering, models
 from extproc.render.common import EXTPROC_FILTER, METERING_FILTER, Json, cluster_name, seconds
 
 # Envoy joins repeated headers with ',' before matching. A value with a character
@@ -181,6 +181,7 @@ def route_config(config: GatewayConfig) -> Json:
     routes = [r for route in config.routes for r in _routes_for(route, fast, no_tokens)]
     if config.metering:
         metering.identity_upstream(routes)
+    models.buffer_limits(routes, config)  # allowlists read the model from the body
     table: Json = {
         "name": "gateway",
         "virtual_hosts": [

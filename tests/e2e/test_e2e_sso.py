@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import (
@@ -40,7 +41,9 @@ OAUTH = "sk-ant-oat01-subscription-token-of-carol"
 PEOPLE = [
     Person("alice-cli", "alice@example.com", ("ml", "platform")),
     Person("bob-cli", "bob@example.com", ("sales",), ttl=2),
+    Person("ivy-cli", "ivy@example.com", ("interns",)),
 ]
+HAIKU = "claude-haiku-4-5"
 
 
 @pytest.fixture
@@ -61,7 +64,12 @@ def gateway(
 ) -> Gateway:
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"ci-bot sha256:{key_digest(GATEWAY_KEY)} teams=ci\n")
-    sso = {"issuer": provider.issuer, "audiences": [AUDIENCE], "clock_skew_s": 1}
+    sso = {
+        "issuer": provider.issuer,
+        "audiences": [AUDIENCE],
+        "clock_skew_s": 1,
+        "models": {"interns": [HAIKU]},
+    }
     return start_gateway(
         [credential_route("sso", upstream.url())],
         env={"SSO_KEY": SERVER_KEY},
@@ -69,8 +77,15 @@ def gateway(
     )
 
 
-def _send(gateway: Gateway, headers: list[tuple[str, str]]) -> tuple[int, dict[str, object]]:
-    reply = raw_request(gateway.listener_port, "/sso/v1/messages", headers)
+def _send(
+    gateway: Gateway, headers: list[tuple[str, str]], body: dict[str, Any] | bytes | None = None
+) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body else b""
+    kind = [("content-type", "application/json")] if isinstance(body, dict) else []
+    method = "POST" if body is not None else "GET"
+    reply = raw_request(
+        gateway.listener_port, "/sso/v1/messages", kind + headers, method=method, body=data
+    )
     body = json.loads(reply.body) if reply.body.startswith(b"{") else {}
     return reply.status, body
 
@@ -179,3 +194,31 @@ def test_the_token_command_fails_in_one_line_naming_no_secret(
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"token: {provider.issuer}/token: HTTP 401 invalid_client\n"
     assert wrong not in done.stderr
+
+
+def _ask(model: str, text: str = "hi") -> dict[str, Any]:
+    return {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+
+
+def test_a_teams_model_allowlist_is_enforced_in_envoy(
+    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider
+) -> None:
+    intern = [("x-api-key", provider.token("ivy-cli", AUDIENCE))]
+    assert _send(gateway, intern, _ask(HAIKU))[0] == 200
+    big = _ask(HAIKU, "x" * 300_000)  # past the listener's 32 KiB buffer: still read
+    assert _send(gateway, intern, big)[0] == 200
+    assert len(upstream.requests) == 2
+    status, body = _send(gateway, intern, _ask("claude-opus-4-1"))
+    assert status == 403
+    assert body["error"]["type"] == "permission_error"
+    assert "'claude-opus-4-1' is not allowed for your teams" in body["error"]["message"]
+    # Only the top-level model counts: one quoted in a message cannot stand in for it.
+    sneaky = _ask("claude-opus-4-1", f'"model": "{HAIKU}"')
+    assert _send(gateway, intern, sneaky)[0] == 403
+    plain = [("content-type", "text/plain"), *intern]  # no JSON: no model known
+    assert _send(gateway, plain, json.dumps(_ask(HAIKU)).encode())[0] == 403
+    assert len(upstream.requests) == 2
+    # Teams without an allowlist, and gateway keys, use any model.
+    alice = [("x-api-key", provider.token("alice-cli", AUDIENCE))]
+    assert _send(gateway, alice, _ask("claude-opus-4-1"))[0] == 200
+    assert _send(gateway, [("x-api-key", GATEWAY_KEY)], _ask("claude-opus-4-1"))[0] == 200

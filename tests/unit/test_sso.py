@@ -21,7 +21,7 @@ from extproc.config.sections import ConfigError
 from extproc.policy.access import GatewayKeys, Identity, KeyTable, key_digest
 from extproc.policy.decision import Outcome, RouteRule, decide
 from extproc.policy.people import NAMESPACE, NOBODY, Claims
-from extproc.render import jwt
+from extproc.render import jwt, models
 from extproc.render.bootstrap import render_bootstrap
 from extproc.token_cli import cached
 
@@ -208,3 +208,28 @@ def test_a_cached_token_is_renewed_before_it_expires(tmp_path: Path) -> None:
     assert cached(cache, 1480.0) is None  # a fifth of its 10 minutes left: renew
     cache.write_text("{not json")
     assert cached(cache, 1000.0) is None
+
+
+def test_model_allowlists_read_the_body_in_envoy_before_the_processor(tmp_path: Path) -> None:
+    text = BASE + (
+        f"sso: {{issuer: https://login.example.com, audiences: [gw], jwks_uri: {JWKS},\n"
+        "      models: {interns: [claude-haiku-4-5]}}\n"
+    )
+    bootstrap = render_bootstrap(load_config(write(tmp_path, text)))
+    names = [f["name"] for f in _filters(bootstrap)][:4]
+    assert names == [
+        jwt.FILTER, "envoy.filters.http.json_to_metadata", "envoy.filters.http.rbac",
+        "envoy.filters.http.ext_proc",
+    ]  # fmt: skip
+    rbac = _filters(bootstrap)[2]["typed_config"]["rules"]
+    assert rbac["action"] == "ALLOW" and sorted(rbac["policies"]) == [
+        "team_interns",
+        "unrestricted",
+    ]
+    listener = bootstrap["static_resources"]["listeners"][0]
+    table = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    forwarding = [r for r in table["virtual_hosts"][0]["routes"] if "route" in r]
+    assert forwarding and all(
+        r["request_body_buffer_limit"] == models.BODY_LIMIT_BYTES for r in forwarding
+    )
+    assert models.http_filters(load_config(write(tmp_path, BASE))) == []  # no sso: nothing read

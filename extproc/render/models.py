@@ -1,0 +1,131 @@
+"""Which models a person's teams may use, enforced by Envoy from the request body.
+
+Only with ``sso.models``. Envoy's ``json_to_metadata`` filter reads the top-level
+``model`` of a JSON request body into dynamic metadata (a real JSON parse: a
+``"model"`` inside a message cannot stand in for it), then an RBAC filter
+allows the request when the person is in no team with an allowlist, or one of
+their teams with an allowlist names the model. Anything else is a 403 in the
+route's provider shape naming the model. Python never reads a body.
+
+The cost: each JSON request body is buffered in Envoy before the decision is
+asked for (up to ``BODY_LIMIT_BYTES`` per request, memory held while it
+arrives), and parsed once. A body over the limit is not read: a person with
+an allowlist is then refused (no model known), everyone else goes on.
+Gateway-key clients carry their teams in the processor only, so allowlists
+apply to people from the SSO.
+"""
+
+from __future__ import annotations
+
+from extproc.config import errors
+from extproc.config.errors import ErrorKind
+from extproc.config.identity import Sso
+from extproc.config.model import ErrorStyle, GatewayConfig
+from extproc.render import jwt
+from extproc.render import local_replies as local_reply
+from extproc.render.common import Json, typed
+
+_NOT_ALLOWED = ErrorKind("permission_error", "invalid_request_error", "model_not_allowed")
+REQUEST_NAMESPACE = "credential_gateway.request"
+BODY_LIMIT_BYTES = 16 * 2**20  # Anthropic's own request limit is 32 MB; images are the big ones
+_DENIED = "response.code_details.startsWith('rbac_access_denied')"
+_MODEL = f"%DYNAMIC_METADATA({REQUEST_NAMESPACE}:model)%"
+_MESSAGE = (
+    f"The model '{_MODEL}' is not allowed for your teams on this gateway: "
+    "ask its operators which models your teams may use."
+)
+
+
+def http_filters(config: GatewayConfig) -> list[Json]:
+    """The body reader and the check, or nothing without model allowlists."""
+    sso = config.sso
+    if sso is None or not sso.models:
+        return []
+    return [_json_to_metadata(), _rbac(sso, jwt.slots(config))]
+
+
+def _json_to_metadata() -> Json:
+    rule = {
+        "selectors": [{"key": "model"}],
+        "on_present": {"metadata_namespace": REQUEST_NAMESPACE, "key": "model", "type": "STRING"},
+    }
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            request_rules={"rules": [rule]},
+        ),
+    }
+
+
+def _in_team(sso: Sso, slots: tuple[str, ...], team: str) -> Json:
+    """The person's groups claim (in any slot's payload) holds ``team``."""
+    ids = []
+    for slot in slots:
+        path = [{"key": slot}, {"key": sso.groups_claim}]
+        for value in (
+            {"list_match": {"one_of": {"string_match": {"exact": team}}}},
+            {"string_match": {"exact": team}},
+        ):
+            ids.append({"metadata": {"filter": jwt.NAMESPACE, "path": path, "value": value}})
+    return {"or_ids": {"ids": ids}}
+
+
+def _rbac(sso: Sso, slots: tuple[str, ...]) -> Json:
+    listed = [_in_team(sso, slots, team) for team, _ in sso.models]
+    policies: Json = {
+        # People in no team with an allowlist, and everyone who is not a person from the SSO.
+        "unrestricted": {
+            "permissions": [{"any": True}],
+            "principals": [{"not_id": {"or_ids": {"ids": listed}}}],
+        }
+    }
+    for (team, models), member in zip(sso.models, listed, strict=True):
+        allowed = [
+            {"metadata": {
+                "filter": REQUEST_NAMESPACE,
+                "path": [{"key": "model"}],
+                "value": {"string_match": {"exact": model}},
+            }}
+            for model in models
+        ]  # fmt: skip
+        policies[f"team_{team}"] = {
+            "permissions": [{"or_rules": {"rules": allowed}}],
+            "principals": [member],
+        }
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.rbac.v3.RBAC",
+            rules={"action": "ALLOW", "policies": policies},
+        ),
+    }
+
+
+def local_replies(replies: Json, config: GatewayConfig) -> Json:
+    """``replies`` with the model refusal (403, naming the model) first."""
+    sso = config.sso
+    if sso is None or not sso.models:
+        return replies
+    style_key = f"xds.route_metadata.filter_metadata['{local_reply.ROUTE_NAMESPACE}']"
+    openai = f"{style_key}['error_style'] == 'openai'"
+    mappers = []
+    for style, condition in ((ErrorStyle.OPENAI, f"{openai} && {_DENIED}"), (None, _DENIED)):
+        body = errors.error_json(style or ErrorStyle.ANTHROPIC, _MESSAGE, _NOT_ALLOWED)
+        mappers.append(
+            {
+                "filter": jwt.cel(condition),
+                "body_format_override": {"json_format": body, "content_type": "application/json"},
+            }
+        )
+    return {**replies, "mappers": [*mappers, *replies["mappers"]]}
+
+
+def buffer_limits(routes: list[Json], config: GatewayConfig) -> None:
+    """Let each route buffer a request body up to the limit (the listener's is 32 KiB)."""
+    sso = config.sso
+    if sso is None or not sso.models:
+        return
+    for route in routes:
+        if "route" in route:
+            route["request_body_buffer_limit"] = BODY_LIMIT_BYTES
