@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from extproc.config import model
 from extproc.config.sections import Problems, Section
+from extproc.config.tlsfiles import certificate_problem
 
 SSO = [
     "issuer", "audiences", "jwks_uri", "ca_file", "client_claim", "groups_claim",
@@ -70,6 +71,9 @@ def sso(s: Section | None, problems: Problems, base: Path) -> Sso | None:
     ca_file = base / s.raw["ca_file"] if isinstance(s.raw.get("ca_file"), str) else None
     if s.has("ca_file") and ca_file is None:
         s.error("ca_file", "expected a file path")
+    elif ca_file is not None and (problem := certificate_problem(ca_file)) is not None:
+        s.error("ca_file", problem)  # checked here: ssl would raise for it mid-discovery
+        return None
     models = _models(s, problems)
     if None in (issuer, audiences, *claims, skew, cache, models):
         return None
@@ -136,9 +140,9 @@ def _discover(s: Section, issuer: str, ca_file: Path | None) -> str | None:
     """The provider's ``jwks_uri`` from its discovery document (one GET at load)."""
     url = issuer.rstrip("/") + _DISCOVERY
     context = None
-    if ca_file is not None and url.startswith("https:"):
-        context = ssl.create_default_context(cafile=str(ca_file))
     try:
+        if ca_file is not None and url.startswith("https:"):
+            context = ssl.create_default_context(cafile=str(ca_file))  # SSLError is an OSError
         # The issuer was checked to be http(s) above.
         opened = urllib.request.urlopen(url, timeout=_DISCOVERY_TIMEOUT_S, context=context)  # noqa: S310
         with opened as reply:

@@ -189,6 +189,22 @@ def test_an_unclosed_ipv6_upstream_is_a_field_error(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("ca_file", "reason"),
+    [("missing.pem", "cannot be read: No such file or directory"),
+     ("junk.pem", "is not PEM (no -----BEGIN CERTIFICATE----- line)")],
+    ids=["missing", "not PEM"],
+)  # fmt: skip
+def test_an_sso_ca_file_that_cannot_be_used_is_a_field_error_not_an_ssl_exception(
+    ca_file: str, reason: str, tmp_path: Path
+) -> None:
+    (tmp_path / "junk.pem").write_text("junk\n")
+    sso = f"sso: {{issuer: 'https://127.0.0.1:1', audiences: [a], ca_file: {ca_file}}}\n"
+    assert problems_of(tmp_path, (GOOD + sso).encode()) == [
+        f"gateway.yaml:7 sso.ca_file: certificate file {tmp_path / ca_file} {reason}"
+    ]
+
+
 # -- secret and keys files ------------------------------------------------------------------
 
 
