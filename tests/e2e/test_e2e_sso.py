@@ -222,3 +222,24 @@ def test_a_teams_model_allowlist_is_enforced_in_envoy(
     alice = [("x-api-key", provider.token("alice-cli", AUDIENCE))]
     assert _send(gateway, alice, _ask("claude-opus-4-1"))[0] == 200
     assert _send(gateway, [("x-api-key", GATEWAY_KEY)], _ask("claude-opus-4-1"))[0] == 200
+
+
+def test_a_rotated_signing_key_is_picked_up_without_a_restart(
+    start_gateway: Callable[..., Gateway],
+    upstream: RecordingUpstream,
+    provider: OpenIdProvider,
+) -> None:
+    sso = {"issuer": provider.issuer, "audiences": [AUDIENCE], "cache_s": 10}
+    gateway = start_gateway(
+        [credential_route("sso", upstream.url())], env={"SSO_KEY": SERVER_KEY}, top={"sso": sso}
+    )
+    old = provider.token("alice-cli", AUDIENCE)
+    assert _send(gateway, [("x-api-key", old)])[0] == 200
+    provider.stop()  # the provider down: the keys Envoy holds keep working
+    assert _send(gateway, [("x-api-key", old)])[0] == 200
+    provider.rotate()  # a new signing key; the old one is no longer published
+    new = provider.token("alice-cli", AUDIENCE)
+    assert new.split(".")[0] != old.split(".")[0]  # another kid
+    poll(lambda: _send(gateway, [("x-api-key", new)])[0] == 200, "accepting the new key", 40)
+    poll(lambda: _send(gateway, [("x-api-key", old)])[0] == 401, "refusing the retired key", 40)
+    assert gateway.envoy_process is not None and gateway.envoy_process.poll() is None  # same Envoy

@@ -97,9 +97,9 @@ class OpenIdProvider:
         self.process = None
 
     def rotate(self) -> None:
-        """A new signing key (the old one retired): a restart with a fresh keys file."""
+        """A new signing key (the old one retired): a restart on the same port, fresh keys."""
         self.stop()
-        self.keys_file.unlink()
+        self.keys_file.unlink(missing_ok=True)
         self.start()
 
     def logs(self) -> str:
