@@ -1,4 +1,4 @@
-"""``python -m extproc validate|render|serve|up CONFIG``."""
+"""``python -m extproc …``: the same commands as the installed ``gateway`` script."""
 
 import sys
 

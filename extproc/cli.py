@@ -103,7 +103,7 @@ def _xds_dir_option(command: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
+    root = argparse.ArgumentParser(prog="gateway", description=__doc__)
     root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = root.add_subparsers(dest="command", required=True)
 
