@@ -75,11 +75,12 @@ class Metrics:
             registry=self.registry,
         )
 
-        self._usage_children: dict[tuple[int | str, ...], Counter] = {}
+        self._usage_children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self.usage_requests = Counter(
             "gateway_usage_requests",
             "Usage records of finished requests on metered routes, by who paid and whether the "
-            "provider reported token usage (tokens: known or unknown, never guessed).",
+            "provider reported token usage (tokens: known or unknown, never guessed); clients "
+            f"without limits of their own: {OTHER_CLIENTS}.",
             ["route", "client", "credential_source", "model", "tokens"],
             registry=self.registry,
         )
@@ -124,10 +125,14 @@ class Metrics:
             registry=self.registry,
         )
 
-    def usage(self, record: UsageRecord) -> None:
-        """One finished request's usage record."""
+    def usage(self, record: UsageRecord, limits: LimitTable | None) -> None:
+        """One finished request's usage record; ``limits`` (the policy's) bound the client
+        label as for decisions."""
+        if limits is not self._limits:
+            self._relabel(limits)
         model = record.model if _MODEL.match(record.model) else "unknown"
-        labels = (record.route, record.client, record.credential_source, model)
+        client = self.client_label(record.client)
+        labels = (record.route, client, record.credential_source, model)
         known = "known" if record.known else "unknown"
         self._usage_child(self.usage_requests, (*labels, known)).inc()
         kinds = (
@@ -144,7 +149,7 @@ class Metrics:
 
     def _usage_child(self, counter: Counter, labels: tuple[str, ...]) -> Counter:
         """``labels()`` is a locked lookup: children are cached, as for decisions."""
-        key: tuple[int | str, ...] = (id(counter), *labels)
+        key = (counter, labels)
         child = self._usage_children.get(key)
         if child is None:
             child = self._usage_children[key] = counter.labels(*labels)
@@ -200,6 +205,10 @@ class Metrics:
                 if key[2] != self.client_label(key[2]):
                     del self._decision_children[key]
                     self.decisions.remove(key[0], key[1].value, key[2])
+            for counter, labels in list(self._usage_children):
+                if labels[1] != self.client_label(labels[1]):
+                    del self._usage_children[(counter, labels)]
+                    counter.remove(*labels)
             self._limits = limits
 
     def loaded(self, version: str, ok: bool) -> None:

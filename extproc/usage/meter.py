@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from extproc.config.model import Limit
 from extproc.policy.compiled import Policy
+from extproc.policy.limits import LimitTable
 from extproc.usage.record import UsageRecord
 from extproc.usage.records import RecordSink, UnreadableEntry, meter_failed, record
 
@@ -35,7 +36,7 @@ class Charges(Protocol):
 
 
 class UsageMetrics(Protocol):
-    def usage(self, record: UsageRecord) -> None: ...
+    def usage(self, record: UsageRecord, limits: LimitTable | None) -> None: ...
 
     def unreadable(self, count: int) -> None: ...
 
@@ -90,7 +91,7 @@ class Meter:
         if failed:
             self._metrics.meter_errors(failed)
         for one in found:
-            self._metrics.usage(one)
+            self._metrics.usage(one, policy.limits)
             self._limits(policy, one)
         for sink in self._sinks:
             try:

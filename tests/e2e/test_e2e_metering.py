@@ -162,6 +162,8 @@ def setup(
     ]  # fmt: skip
     top = {"metering": True, "metering_flush_ms": 50,
            "access": {"keys_file": str(tmp_path / "keys.txt")},
+           # a limit of her own gives alice her own series (the client label is bounded)
+           "limits": {"clients": {"alice": {"requests_per_minute": 100_000}}},
            "metrics": {"address": "127.0.0.1", "port": metrics}}  # fmt: skip
     env = {"ANTHROPIC_KEY": SERVER, "OPENAI_KEY": SERVER}
     return Setup(start_gateway(routes, env=env, top=top), metrics, upstream, script)

@@ -1,7 +1,8 @@
 """Token usage and per-client limits through real Envoy, with API-shaped fake providers.
 
 Usage is counted in Envoy (its Lua meter) and reaches the processor as one access-log
-record per request; it is counted by route, gateway client, who paid and model; limits apply to requests on the organisation's key
+record per request; it is counted by route, gateway client (`(other)` for clients without
+limits of their own), who paid and model; limits apply to requests on the organisation's key
 only, answer 429 in the provider's shape with ``retry-after``, and never reach
 the upstream.
 """
@@ -25,6 +26,7 @@ from harness.liveops import metric_sum, poll
 from harness.upstream import RecordedRequest, Reply, Responder
 
 ALICE, BOB = "gk-alice-usage-key", "gk-bob-usage-key"
+OTHERS = "(other)"  # the client label of gateway clients without limits of their own
 SERVER = "sk-ant-server-usage"
 OWN = "sk-ant-api03-own-usage"
 OUTPUT = len(REPLY_TEXT.split())  # what the fake provider reports as output tokens
@@ -141,19 +143,19 @@ def test_usage_is_counted_by_client_by_who_paid_and_by_model(metered: Metered) -
     eventually(lambda: metric_sum(metered.page(), "gateway_usage_requests_total") >= 4)
     page = metered.page()
     requests, tokens = "gateway_usage_requests_total", "gateway_usage_tokens_total"
-    assert metric_sum(page, requests, client="alice", credential_source="injected", tokens="known",
+    assert metric_sum(page, requests, client=OTHERS, credential_source="injected", tokens="known",
                  model="claude-sonnet-5-5") == 2  # fmt: skip
     assert (
-        metric_sum(page, requests, client="alice", tokens="unknown", model="unknown") == 1
+        metric_sum(page, requests, client=OTHERS, tokens="unknown", model="unknown") == 1
     )  # count_tokens
     assert metric_sum(page, requests, client="", credential_source="client", tokens="known") == 1
     assert (
-        metric_sum(page, tokens, client="alice", credential_source="injected", type="output")
+        metric_sum(page, tokens, client=OTHERS, credential_source="injected", type="output")
         == 2 * OUTPUT
     )
     assert metric_sum(page, tokens, credential_source="client", type="output") == OUTPUT
     assert (
-        metric_sum(page, tokens, client="alice", type="input")
+        metric_sum(page, tokens, client=OTHERS, type="input")
         == 2 * metric_sum(page, tokens, credential_source="client", type="input")
         > 0
     )
@@ -196,7 +198,7 @@ def test_openai_usage_from_json_and_from_the_final_stream_chunk(metered: Metered
     assert metric_sum(page, "gateway_usage_requests_total", route="openai", tokens="unknown") == 1
     assert (
         metric_sum(
-            page, "gateway_usage_tokens_total", route="openai", client="alice", model="gpt-4o-mini"
+            page, "gateway_usage_tokens_total", route="openai", client=OTHERS, model="gpt-4o-mini"
         )
         > 0
     )
@@ -221,11 +223,11 @@ def test_a_stream_cut_by_the_client_counts_what_was_reported_before_the_cut(
     setup.release.set()
     eventually(lambda: metric_sum(setup.page(), "gateway_usage_requests_total") >= 1)
     page = setup.page()
-    assert metric_sum(page, "gateway_usage_requests_total", client="alice", tokens="known") == 1
+    assert metric_sum(page, "gateway_usage_requests_total", client=OTHERS, tokens="known") == 1
     assert (
-        metric_sum(page, "gateway_usage_tokens_total", client="alice", type="output") == 1
+        metric_sum(page, "gateway_usage_tokens_total", client=OTHERS, type="output") == 1
     )  # from message_start
-    assert metric_sum(page, "gateway_usage_tokens_total", client="alice", type="input") > 0
+    assert metric_sum(page, "gateway_usage_tokens_total", client=OTHERS, type="input") > 0
 
 
 # -- limits ------------------------------------------------------------------------------------

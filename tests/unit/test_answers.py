@@ -1,4 +1,4 @@
-"""Signals that mean what they say: the decisions metric's client label is bounded.
+"""Signals that mean what they say: the decisions and usage metrics' client label is bounded.
 
 Only clients with limits of their own (named in ``limits.clients``, so bounded by the
 config) get series of their own; every other gateway client shares ``(other)``, and a
@@ -12,6 +12,7 @@ from extproc.policy.decision import Outcome
 from extproc.policy.limits import LimitTable
 from extproc.policy.processor import Answer
 from extproc.server.metrics import OTHER_CLIENTS, Metrics
+from extproc.usage.record import UsageRecord
 
 
 def series(metrics: Metrics) -> dict[tuple[str, str, str], float]:
@@ -64,3 +65,25 @@ def test_a_reload_that_drops_a_clients_limits_forgets_its_series() -> None:
     }
     assert metrics.client_label("alice") == OTHER_CLIENTS
     assert metrics.client_label("bob") == "bob"
+
+
+def usage_series(metrics: Metrics) -> dict[str, float]:
+    """The usage tokens counter's samples by client."""
+    [family] = [f for f in metrics.registry.collect() if f.name == "gateway_usage_tokens"]
+    return {s.labels["client"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def used(client: str) -> UsageRecord:
+    return UsageRecord(0.0, "r", "anthropic", client, (), "injected", "claude", 200, 1, output=3)
+
+
+def test_usage_series_are_bounded_like_decisions_and_forgotten_on_reload() -> None:
+    metrics = Metrics()
+    table = limits("alice")
+    for n in range(50):
+        metrics.usage(used(f"person{n}"), table)
+    metrics.usage(used("alice"), table)
+    metrics.usage(used(""), table)  # the client paid: no gateway client
+    assert usage_series(metrics) == {OTHER_CLIENTS: 150, "alice": 3, "": 3}
+    metrics.usage(used("bob"), limits("bob"))  # reloaded: alice has no limits now
+    assert usage_series(metrics) == {OTHER_CLIENTS: 150, "bob": 3, "": 3}

@@ -19,7 +19,7 @@ from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE, Limit
 from extproc.policy.access import key_line
 from extproc.policy.compiled import Policy, compile_policy
-from extproc.server.metrics import Metrics
+from extproc.server.metrics import OTHER_CLIENTS, Metrics
 from extproc.usage import meter
 from extproc.usage.meter import Meter
 from extproc.usage.record import UsageRecord
@@ -184,7 +184,8 @@ def test_a_batch_feeds_the_metrics_the_limits_and_every_sink(world: tuple[Policy
         policy,
         batch(entry(route, paid(), USAGE), entry(route, None, USAGE), entry(route, paid("many"))),
     )
-    labels = {"route": "anthropic", "client": "alice", "credential_source": "injected",
+    # alice has only the default limits: her series is the shared one (bounded labels).
+    labels = {"route": "anthropic", "client": OTHER_CLIENTS, "credential_source": "injected",
               "model": CLAUDE}  # fmt: skip
     assert sample(metrics, "gateway_usage_requests_total", **labels, tokens="known") == 1
     assert sample(metrics, "gateway_usage_tokens_total", **labels, type="cache_creation") == 10
