@@ -8,6 +8,7 @@ whole file is clean.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -17,6 +18,9 @@ from extproc.config.yamlsource import Document, Path_
 
 E = TypeVar("E", bound=Enum)
 _MISSING: Any = object()
+REQUIRED: Any = _MISSING  # a field without a default: its absence is a problem
+# What a field name looks like; any other key is not echoed (it may be a pasted secret).
+_FIELD_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,10 @@ class Problems:
         for path in doc.duplicate_keys:
             self.add(path, "key given twice")
 
-    def add(self, path: Path_, message: str) -> None:
-        self.items.append(
-            Problem(self.doc.filename, self.doc.line_of(path), field_name(path), message)
-        )
+    def add(self, path: Path_, message: str, shown: Path_ | None = None) -> None:
+        """Record ``message`` at ``path``'s line, naming ``shown`` (default: ``path``)."""
+        name = field_name(path if shown is None else shown)
+        self.items.append(Problem(self.doc.filename, self.doc.line_of(path), name, message))
 
 
 class Section:
@@ -78,7 +82,8 @@ class Section:
         for key in self.raw:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                problems.add((*path, key), f"unknown field (allowed: {hint})")
+                shown = key if _FIELD_LIKE.match(str(key)) else "<key not shown>"
+                problems.add((*path, key), f"unknown field (allowed: {hint})", (*path, shown))
 
     def has(self, key: str) -> bool:
         return key in self.raw
@@ -112,9 +117,6 @@ class Section:
             self.error(key, f"must be between {low} and {high}, got {value}")
             return None
         return value
-
-    def port(self, key: str, default: Any = _MISSING) -> Any:
-        return self.integer(key, default, 1, 65535)
 
     def flag(self, key: str, default: bool) -> Any:
         value = self._get(key, default)

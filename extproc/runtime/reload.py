@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
+from extproc.config.files import FileProblem, read_bounded
 from extproc.config.load import load_config, warnings
 from extproc.config.model import GatewayConfig
 from extproc.config.sections import ConfigError
@@ -37,22 +38,39 @@ from extproc.server.metrics import Metrics
 
 log = logging.getLogger("extproc.runtime.reload")
 POLL_SECONDS = 1.0
+# Larger than any file a load accepts (keys files: 64 MiB), so every real edit is seen.
+WATCH_LIMIT = 65 * 2**20
 SETTLE_SECONDS = 0.1  # a change counts once two reads this far apart agree (no half-written keys)
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
 
 
+# Settings a running processor cannot take over without a restart: the name a refused
+# reload gives, and the config attributes it covers (docs/configuration.md marks them).
+RESTART_ONLY: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "extproc": ("extproc",),
+    "admin": ("admin",),
+    "metrics": ("metrics",),
+    "metering": ("metering",),
+    "limits.store": ("limits.store", "limits.password", "limits.sync_ms"),
+})  # fmt: skip
+
+
 def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     """Settings a running processor cannot take over without a restart."""
-    fields = [("extproc", old.extproc, new.extproc), ("admin", old.admin, new.admin),
-              ("metrics", old.metrics, new.metrics), ("metering", old.metering, new.metering),
-              ("limits.store", _store(old), _store(new))]  # fmt: skip
-    return [f"{name}: changing it needs a restart" for name, a, b in fields if a != b]
+    return [
+        f"{name}: changing it needs a restart"
+        for name, paths in RESTART_ONLY.items()
+        if [_attribute(old, p) for p in paths] != [_attribute(new, p) for p in paths]
+    ]
 
 
-def _store(config: GatewayConfig) -> object:
-    limits = config.limits
-    return limits and (limits.store, limits.password, limits.sync_ms)
+def _attribute(config: GatewayConfig, path: str) -> object:
+    """``limits.store`` of ``config``; None where a section on the way is absent."""
+    value: object = config
+    for name in path.split("."):
+        value = getattr(value, name, None) if value is not None else None
+    return value
 
 
 class Retry:
@@ -202,11 +220,19 @@ def fingerprint(files: list[Path]) -> bytes:
     """A digest of the files' bytes (following symlinks, as Kubernetes swaps ``..data``)."""
     digest = hashlib.sha256()
     for path in files:
-        try:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        except OSError as exc:
-            digest.update(f"{path}: {exc.errno}".encode())
+        try:  # bounded: a FIFO or a huge file must not hang the watcher or fill memory
+            digest.update(hashlib.sha256(read_bounded(path, WATCH_LIMIT, "file")).digest())
+        except FileProblem as exc:  # unusable now: its size and time still tell a change
+            digest.update(f"{exc} {_stamp(path)}".encode())
     return digest.digest()
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
 
 
 def watch(

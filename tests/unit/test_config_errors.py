@@ -335,6 +335,15 @@ def test_a_key_pasted_as_the_variable_name_is_never_echoed(tmp_path: Path) -> No
     ]
 
 
+def test_a_key_pasted_as_a_field_name_is_never_echoed(tmp_path: Path) -> None:
+    pasted = "sk-ant-api03-" + "PASTEDKEY" * 8
+    found = problems(GOOD.replace("{env: K}", "{env: K, " + pasted + ": x}"), tmp_path)
+    assert found == [
+        "gateway.yaml:8 routes[0].credential.secret.<key not shown>: unknown field "
+        "(allowed: env, file, optional)"
+    ]
+
+
 def test_missing_env_secret_names_the_variable_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text(GOOD)

@@ -105,8 +105,11 @@ def test_the_watcher_retries_a_failed_delivery_without_another_change_and_logs_i
     stop = threading.Event()
     delivery.failing = True
     thread = threading.Thread(target=watch, args=(holder, stop, None, 0.02))
+    beats = {holder.watched_at}
     thread.start()
     try:
+        # Two heartbeats after the start: the first round (the first look) has ended.
+        wait_until(lambda: beats.add(holder.watched_at) or len(beats) >= 3)
         write(path, name="new")
         wait_until(lambda: len(delivery.versions) >= 3)  # first try, then retries
         assert "new" not in names(holder)

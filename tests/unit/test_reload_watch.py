@@ -3,6 +3,7 @@ and a watcher that is stuck or gone shows in the config health service."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from extproc.config.model import ServerKind
-from extproc.runtime.reload import PolicyHolder, watch
+from extproc.runtime.reload import WATCH_LIMIT, PolicyHolder, fingerprint, watch
 from extproc.runtime.serve import CONFIG_HEALTH, _Run
 from extproc.runtime.status import STUCK_SECONDS
 from extproc.server.lean_backend import Health
@@ -112,3 +113,26 @@ def test_a_stuck_or_dead_watcher_turns_the_config_health_service_not_serving(
     holder.watched_at = time.monotonic()
     run.config_healthy()  # fresh heartbeat, but the thread is gone
     assert config_health(run) == NOT_SERVING
+
+
+def test_a_fifo_or_a_huge_file_among_the_watched_ones_never_hangs_the_watcher(
+    tmp_path: Path,
+) -> None:
+    """A keys or secret file replaced by a FIFO would block ``read_bytes`` forever."""
+    fifo = tmp_path / "keys.txt"
+    os.mkfifo(fifo)
+    huge = tmp_path / "secret"
+    with huge.open("wb") as handle:
+        handle.truncate(WATCH_LIMIT + 1)  # sparse: no disk used
+    done = threading.Event()
+    digests: list[bytes] = []
+
+    def run() -> None:
+        digests.append(fingerprint([fifo, huge]))
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(10), "fingerprint blocked on a FIFO"
+    with huge.open("ab") as handle:
+        handle.write(b"x")
+    assert fingerprint([fifo, huge]) != digests[0]  # a change past the bound is still seen
