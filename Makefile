@@ -71,11 +71,19 @@ golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a d
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \
-		REDIS_PASSWORD="$${REDIS_PASSWORD-}" docker compose up --build --detach
+		REDIS_PASSWORD="$${REDIS_PASSWORD-}" POSTGRES_PASSWORD="$${POSTGRES_PASSWORD-}" \
+		docker compose up --build --detach
 
-# --profile: the Redis of COMPOSE_PROFILES=shared-limits goes too, whether it runs or not.
-compose-down: ## stop the compose stack (Envoy drains first) and remove it
-	docker compose --profile shared-limits down --volumes
+# --profile: the Redis and PostgreSQL of COMPOSE_PROFILES go too, whether they run or not.
+# Not `down --volumes`, which would delete the named volume spend-data (the spend ledger):
+# stop in dependency order, remove the containers with their anonymous volumes, then the
+# networks and the volume of Envoy's files (rewritten at start).
+COMPOSE_ALL_PROFILES := --profile shared-limits --profile shared-spend
+compose-down: ## stop the compose stack (Envoy drains first) and remove it, keeping the spend ledger
+	docker compose $(COMPOSE_ALL_PROFILES) stop
+	docker compose $(COMPOSE_ALL_PROFILES) rm --force --volumes
+	docker compose $(COMPOSE_ALL_PROFILES) down
+	docker volume rm --force credential-gateway_xds
 
 k8s-render: ## print the Kubernetes manifests that `kubectl apply -k deploy/kubernetes` applies
 	kubectl kustomize deploy/kubernetes

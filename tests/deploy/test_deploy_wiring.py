@@ -352,6 +352,9 @@ def test_compose_secrets_are_the_files_the_yaml_reads(
     shared = compose_shared_limits(compose, tmp_path).limits
     assert shared and shared.password and shared.password.file
     wanted.add(str(shared.password.file))  # mounted always, read with shared limits only
+    # ...and PostgreSQL's, read with shared spend only (test_deploy_postgres.py follows it).
+    spend = yaml.safe_load(readme_yaml("# spend in PostgreSQL: deploy/compose/gateway.yaml"))
+    wanted.add(spend["spend"]["password"]["file"])
     secrets = compose["services"]["extproc"]["secrets"]
     assert {s["target"] for s in secrets} == wanted
     for secret in secrets:
