@@ -54,11 +54,12 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff format --check extproc tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP) spend-deps ## benchmark the gateway against bare Envoy (installs Debian's wrk if missing)
+bench: $(STAMP) $(NODE_STAMP) spend-deps ## benchmark the gateway against bare Envoy (installs Debian's wrk if missing)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/metering.py
 	$(BIN)/python bench/spend.py
+	$(BIN)/python bench/sso.py
 
 bench-scale: $(STAMP) ## how costs grow with gateway clients (10 … 100,000) and routes (10 … 1,000); ~4 min
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

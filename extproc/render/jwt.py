@@ -60,6 +60,8 @@ def _provider(sso: Sso, slot: str) -> Json:
         "from_headers": [location],
         "payload_in_metadata": slot,
         "clock_skew_seconds": sso.clock_skew_s,
+        "require_expiration": True,  # a token without exp would be valid for ever
+        # No JWT cache: a token signed by a key the provider retired is refused at once.
     }
 
 

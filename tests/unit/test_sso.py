@@ -149,6 +149,7 @@ def test_the_jwt_filter_comes_first_removes_tokens_and_forwards_payloads(tmp_pat
     assert sorted(providers) == ["sso_authorization", "sso_x-api-key"]
     for slot, provider in (("authorization", "sso_authorization"), ("x-api-key", "sso_x-api-key")):
         assert providers[provider]["forward"] is False
+        assert providers[provider]["require_expiration"] is True
         assert providers[provider]["payload_in_metadata"] == slot
         assert providers[provider]["remote_jwks"]["http_uri"]["uri"] == JWKS
     # Both slots, then each alone: a request with no JWT matches no rule and passes.
