@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from extproc.config import model
+from extproc.config import fields, model
 from extproc.config.sections import Problems, Section
 from extproc.config.tlsfiles import certificate_problem
 
-SSO = [
-    "issuer", "audiences", "jwks_uri", "ca_file", "client_claim", "groups_claim",
-    "clock_skew_s", "cache_s", "models",
-]  # fmt: skip
+SSO = fields.SSO.names
 _CLAIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,63}$")
 _TEAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")  # as in the keys file
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,79}$")
@@ -66,8 +63,8 @@ def sso(s: Section | None, problems: Problems, base: Path) -> Sso | None:
         if value and not _CLAIM.match(value):
             s.error(key, "expected a claim name (letters, digits, '_', '.', ':', '/', '-')")
             claims = [None, None]
-    skew = s.integer("clock_skew_s", 60, 1, 600)  # Envoy reads 0 as its default (60)
-    cache = s.integer("cache_s", 300, 10, 86400)
+    skew = fields.SSO.integer(s, "clock_skew_s")  # not 0: Envoy reads 0 as its default (60)
+    cache = fields.SSO.integer(s, "cache_s")
     ca_file = base / s.raw["ca_file"] if isinstance(s.raw.get("ca_file"), str) else None
     if s.has("ca_file") and ca_file is None:
         s.error("ca_file", "expected a file path")

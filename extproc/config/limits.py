@@ -11,11 +11,11 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from extproc.config import model
+from extproc.config import fields, model
 from extproc.config.sections import Problems, Section
 
-LIMITS = ["store", "password", "on_store_error", "sync_ms", "default", "clients"]
-_LIMIT = ["requests_per_minute", "tokens", "token_window", "concurrent"]
+LIMITS = fields.LIMITS.names
+_LIMIT = fields.LIMIT.names
 _CLIENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")  # as in the keys file
 _DURATION = re.compile(r"^(?P<n>[1-9][0-9]{0,6})(?P<unit>[smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,7 +37,7 @@ def limits(
     if s.has("password") and store == "memory":
         s.error("password", "only a redis store takes a password")
     failure = s.choice("on_store_error", model.StoreFailure, model.StoreFailure.OPEN)
-    sync_ms = s.integer("sync_ms", 200, 20, 10000)
+    sync_ms = fields.LIMITS.integer(s, "sync_ms")
     default = limit(s.section("default", _LIMIT), model.Limit()) if s.has("default") else None
     clients = _clients(s, problems, default or model.Limit())
     if store == "memory" and workers is not None and workers > 1:
@@ -96,7 +96,7 @@ def limit(s: Section | None, base: model.Limit) -> model.Limit | None:
     ok = True
     for key in ("requests_per_minute", "tokens", "concurrent"):
         if key in s.raw:
-            values[key] = None if s.raw[key] is None else s.integer(key, None, 0, 10**12)
+            values[key] = None if s.raw[key] is None else fields.LIMIT.integer(s, key)
             ok = ok and (s.raw[key] is None or values[key] is not None)
     if "token_window" in s.raw:
         values["token_window_s"] = _duration(s.raw["token_window"])

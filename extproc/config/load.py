@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from extproc.config import model, tlsfiles
+from extproc.config import fields, model, tlsfiles
 from extproc.config.identity import SSO
 from extproc.config.identity import sso as parse_sso
 from extproc.config.limits import LIMITS
@@ -66,9 +66,9 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     parser.default_access = parser.access(top.section("access", _ACCESS))
     parser.default_placeholders = parser.placeholders(top) or ()
     listener = parser.listener(top.section("listener", _LISTENER, required=True))
-    admin = parser.endpoint(top.section("admin", ["address", "port"]), "127.0.0.1", 9901)
+    admin = parser.endpoint(top.section("admin", fields.ADMIN.names), fields.ADMIN)
     extproc = parser.extproc(top.section("extproc", _EXTPROC))
-    metrics = parser.endpoint(top.section("metrics", ["address", "port"]), "127.0.0.1", 9464)
+    metrics = parser.endpoint(top.section("metrics", fields.METRICS.names), fields.METRICS)
     if top.ok and not top.has("routes"):
         top.error(None, "missing required field 'routes'")
     routes = [parser.route(path, raw) for path, raw in top.items("routes")]
@@ -88,7 +88,7 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
                 problems.add(("routes", index), _OPEN_RELAY.format(route=route.name))
     metering = top.flag("metering", False)
     # How often Envoy sends its batch of usage records to the processor (gRPC access log).
-    flush_ms = top.integer("metering_flush_ms", 250, 10, 60000)
+    flush_ms = fields.TOP.integer(top, "metering_flush_ms")
     workers = extproc.workers if extproc else None
     limits = parse_limits(
         top.section("limits", LIMITS), problems, parser.secret, workers, bool(metering)
@@ -119,23 +119,13 @@ def parse(doc: Document, base: Path, source: Path) -> model.GatewayConfig:
     )
 
 
-_TOP = [
-    "listener", "admin", "extproc", "metrics", "access", "placeholders", "metering",
-    "metering_flush_ms", "limits", "spend", "sso", "ca_bundle", "routes",
-]  # fmt: skip
-_LISTENER = [
-    "address", "port", "tls", "require_access", "stream_idle_timeout_s", "max_request_headers_kb",
-]  # fmt: skip
-_EXTPROC = [
-    "address", "port", "socket", "failure_mode", "timeout_ms", "workers", "fast_path", "server",
-    "max_connections", "idle_timeout_s", "memory_budget_mb",
-]  # fmt: skip
-_ROUTE = [
-    "name", "prefix", "upstream", "credential", "access", "ca_file", "error_style",
-    "timeout_s", "connect_timeout_s", "retries",
-]  # fmt: skip
-_CREDENTIAL = ["header", "format", "secret", "client_credentials", "mode", "placeholders"]
-_ACCESS = ["keys_file", "header", "for_client_credentials"]
+# The keys each section allows, from the field tables (which docs/configuration.md shows).
+_TOP = fields.TOP.names
+_LISTENER = fields.LISTENER.names
+_EXTPROC = fields.EXTPROC.names
+_ROUTE = fields.ROUTE.names
+_CREDENTIAL = fields.CREDENTIAL.names
+_ACCESS = fields.ACCESS.names
 _OPEN_RELAY = (
     "route {route} spends the server key for anyone who reaches the listener: "
     "configure access (gateway keys) or bind the listener to a loopback address"
@@ -181,17 +171,18 @@ class _Parser:
         value = section.text(key, None)
         return None if value is None else (self.base / value)
 
-    def endpoint(self, s: Section | None, address: str, port: int) -> model.Endpoint | None:
+    def endpoint(self, s: Section | None, table: fields.Table) -> model.Endpoint | None:
+        address, port = table["address"].default, table["port"].default
         if s is None:
             return model.Endpoint(address, port)
-        addr, number = s.text("address", address), s.port("port", port)
+        addr, number = s.text("address", address), table.integer(s, "port")
         return model.Endpoint(addr, number) if addr and number else None
 
     def listener(self, s: Section | None) -> model.Listener | None:
         if s is None:
             return None
         tls = None
-        if (t := s.section("tls", ["cert_file", "key_file"])) is not None:
+        if (t := s.section("tls", fields.LISTENER_TLS.names)) is not None:
             cert, key = t.text("cert_file"), t.text("key_file")
             tls = model.TlsFiles(self.base / cert, self.base / key) if cert and key else None
             if tls is not None:
@@ -199,10 +190,10 @@ class _Parser:
                 _check_file(t, "key_file", private_key_problem(tls.key_file))
         values = {
             "address": s.text("address"),
-            "port": s.port("port"),
+            "port": fields.LISTENER.integer(s, "port"),
             "require_access": s.flag("require_access", False),
-            "stream_idle_timeout_s": s.integer("stream_idle_timeout_s", 300, 1, 86400),
-            "max_request_headers_kb": s.integer("max_request_headers_kb", 60, 1, 8192),
+            "stream_idle_timeout_s": fields.LISTENER.integer(s, "stream_idle_timeout_s"),
+            "max_request_headers_kb": fields.LISTENER.integer(s, "max_request_headers_kb"),
         }
         if None in values.values() or (s.has("tls") and tls is None):
             return None
@@ -219,15 +210,15 @@ class _Parser:
             address = None
         values = {
             "address": address,
-            "port": s.port("port", 50051),
+            "port": fields.EXTPROC.integer(s, "port"),
             "failure_mode": s.choice("failure_mode", model.FailureMode, model.FailureMode.CLOSED),
-            "timeout_ms": s.integer("timeout_ms", 200, 1, 60000),
-            "workers": s.integer("workers", 1, 1, 64),
+            "timeout_ms": fields.EXTPROC.integer(s, "timeout_ms"),
+            "workers": fields.EXTPROC.integer(s, "workers"),
             "fast_path": s.flag("fast_path", True),
             "server": s.choice("server", model.ServerKind, model.ServerKind.LEAN),
-            "max_connections": s.integer("max_connections", 128, 4, 100000),
-            "idle_timeout_s": s.integer("idle_timeout_s", 300, 10, 86400),
-            "memory_budget_mb": s.integer("memory_budget_mb", 64, 4, 16384),
+            "max_connections": fields.EXTPROC.integer(s, "max_connections"),
+            "idle_timeout_s": fields.EXTPROC.integer(s, "idle_timeout_s"),
+            "memory_budget_mb": fields.EXTPROC.integer(s, "memory_budget_mb"),
         }
         socket = self._path(s, "socket")
         if socket is not None and (s.has("address") or s.has("port")):
@@ -266,9 +257,9 @@ class _Parser:
             access = None
         values = {
             "error_style": s.choice("error_style", model.ErrorStyle, model.ErrorStyle.ANTHROPIC),
-            "timeout_s": s.integer("timeout_s", 0, 0, 86400),
-            "connect_timeout_s": s.integer("connect_timeout_s", 10, 1, 300),
-            "retries": s.integer("retries", 2, 0, 10),
+            "timeout_s": fields.ROUTE.integer(s, "timeout_s"),
+            "connect_timeout_s": fields.ROUTE.integer(s, "connect_timeout_s"),
+            "retries": fields.ROUTE.integer(s, "retries"),
         }
         if None in (name, prefix, upstream, *values.values()):
             return None
@@ -314,7 +305,7 @@ class _Parser:
             s.error("format", "must contain {secret} exactly once and no other braces")
             fmt = None
         mode = s.choice("mode", model.CredentialMode, model.CredentialMode.PREFER_CLIENT)
-        secret = self.secret(s.section("secret", ["env", "file", "optional"]))
+        secret = self.secret(s.section("secret", fields.SECRET.names))
         if mode is model.CredentialMode.CLIENT_ONLY and s.has("secret"):
             s.error("secret", "a client_only route never uses a server key: remove the secret")
             mode = None

@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from extproc.config import model
+from extproc.config import fields, model
 from extproc.config.sections import Problems, Section
 
-SPEND = [
-    "timezone", "store", "password", "state_dir", "retention_days", "flush_ms", "on_store_error",
-    "reservation_usd", "reservation_timeout_s", "soft_percent", "prices", "budgets",
-]  # fmt: skip
-_BUDGETS = ["organisation", "default", "clients", "teams"]
-_BUDGET = ["day", "week", "month"]
-_PRICE = ["input", "output", "cache_read", "cache_write_5m", "cache_write_1h"]
+SPEND = fields.SPEND.names
+_BUDGETS = fields.BUDGETS.names
+_BUDGET = fields.BUDGET.names
+_PRICE = fields.PRICE.names
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")  # client and team names, as in keys
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,79}$")
 # Host, port, database and user only: a password goes in ``password`` (a secret), never the URL.
@@ -116,12 +113,12 @@ def spend(
     bad = bad or (s.has("password") and password is None)
     state_dir = s.text("state_dir", "state")
     values = {
-        "retention_days": s.integer("retention_days", 400, 1, 36500),
-        "flush_ms": s.integer("flush_ms", 1000, 50, 60000),
+        "retention_days": fields.SPEND.integer(s, "retention_days"),
+        "flush_ms": fields.SPEND.integer(s, "flush_ms"),
         "on_store_error": s.choice("on_store_error", model.StoreFailure, model.StoreFailure.OPEN),
         "reservation_usd": _money(s, "reservation_usd", Decimal("0.50")),
-        "reservation_timeout_s": s.integer("reservation_timeout_s", 900, 10, 86400),
-        "soft_percent": s.integer("soft_percent", 80, 1, 100),
+        "reservation_timeout_s": fields.SPEND.integer(s, "reservation_timeout_s"),
+        "soft_percent": fields.SPEND.integer(s, "soft_percent"),
     }
     prices = _prices(s, problems)
     budgets = _budgets(s.section("budgets", _BUDGETS), problems)
