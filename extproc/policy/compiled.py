@@ -53,9 +53,11 @@ class RouteAnswers:
             self.body(outcome, ())
         self.body(Outcome.INJECTED if value else Outcome.REJECTED, ())
 
-    def answer(self, outcome: Outcome, remove: tuple[str, ...], client: str) -> bytes:
+    def answer(
+        self, outcome: Outcome, remove: tuple[str, ...], client: str, teams: tuple[str, ...] = ()
+    ) -> bytes:
         body = self._bodies.get((outcome, remove)) or self.body(outcome, remove)
-        return responses.with_metadata(body, self._fields[outcome], client)
+        return responses.with_metadata(body, self._fields[outcome], client, teams)
 
     def fields(self, outcome: Outcome) -> bytes:
         return self._fields[outcome]
@@ -88,13 +90,15 @@ class CompiledRoute:
     identity: bytes = field(repr=False, default=b"")  # what the answers were built from
     style: ErrorStyle = ErrorStyle.ANTHROPIC  # the provider's error (and usage) shape
 
-    def answer(self, outcome: Outcome, remove: tuple[str, ...], client: str) -> bytes:
-        return self.answers.answer(outcome, remove, client)
+    def answer(
+        self, outcome: Outcome, remove: tuple[str, ...], client: str, teams: tuple[str, ...] = ()
+    ) -> bytes:
+        return self.answers.answer(outcome, remove, client, teams)
 
-    def limited(self, refusal: Refusal, client: str) -> bytes:
+    def limited(self, refusal: Refusal, client: str, teams: tuple[str, ...] = ()) -> bytes:
         """Built per request: the retry-after differs each time (and this path is rare)."""
         body = responses.limited(self.style, refusal)
-        return responses.with_metadata(body, self.answers.fields(Outcome.LIMITED), client)
+        return responses.with_metadata(body, self.answers.fields(Outcome.LIMITED), client, teams)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ def process(
     sso = policy.sso  # a person's JWT, verified by Envoy: its payload, never the token
     person = sso.identify(request.metadata_context.filter_metadata) if sso else None
     decision = decide(route.rule, ((h.key, h.raw_value) for h in headers), person)
-    outcome, client = decision.outcome, decision.client
+    outcome, client, teams = decision.outcome, decision.client, decision.teams
     if client and decision.expires <= clock():
         outcome = Outcome.EXPIRED  # a 401 for this client: no limit or budget applies
     if admission is not None and client and outcome in _SPENDS and policy.limits is not None:
@@ -76,11 +76,12 @@ def process(
         if limit.any:
             refusal = admission.admit(client, limit, policy.limits.on_store_error)
             if refusal is not None:
-                return Answer(route.limited(refusal, client), route.name, Outcome.LIMITED, client)
+                limited = route.limited(refusal, client, teams)
+                return Answer(limited, route.name, Outcome.LIMITED, client, teams=teams)
     if budgets is not None and outcome in _SPENDS:
-        refusal = budgets.admit(client, decision.teams)
+        refusal = budgets.admit(client, teams)
         if refusal is not None:
-            limited = route.limited(refusal, client)
-            return Answer(limited, route.name, Outcome.LIMITED, client, teams=decision.teams)
-    payload = route.answer(outcome, decision.remove, client)
-    return Answer(payload, route.name, outcome, client, teams=decision.teams)
+            limited = route.limited(refusal, client, teams)
+            return Answer(limited, route.name, Outcome.LIMITED, client, teams=teams)
+    payload = route.answer(outcome, decision.remove, client, teams)
+    return Answer(payload, route.name, outcome, client, teams=teams)

@@ -3,7 +3,7 @@
 Header values go in ``raw_value`` only: Envoy sends values there and takes
 them from there; a ``value``-only mutation arrives upstream empty and setting
 both is an error. Every answer carries dynamic metadata (route, credential
-source, outcome, client) for the access log, appended per request.
+source, outcome, client, teams) for the access log, appended per request.
 """
 
 from __future__ import annotations
@@ -56,16 +56,24 @@ def metadata_fields(route: str, outcome: Outcome) -> bytes:
     )
 
 
-def with_metadata(body: bytes, fields: bytes, client: str) -> bytes:
+def _list_entry(key: str, values: tuple[str, ...]) -> bytes:
+    """One ``Struct.fields`` map entry holding a ``ListValue`` of strings."""
+    items = b"".join(_field(1, _field(3, v.encode())) for v in values)
+    return _field(1, _field(1, key.encode()) + _field(2, _field(6, items)))
+
+
+def with_metadata(body: bytes, fields: bytes, client: str, teams: tuple[str, ...] = ()) -> bytes:
     """``body`` (a serialised ProcessingResponse) plus its dynamic metadata.
 
     Serialised protobuf messages merge when concatenated, so the per-route
-    part of an answer is built once and only the client's name, which varies
-    per request, is encoded here: a few short byte joins, nothing per client
-    kept in memory.
+    part of an answer is built once and only the client's name and teams, which
+    vary per request, are encoded here: a few short byte joins, nothing per
+    client kept in memory. The teams reach the usage record (team budgets).
     """
     if client:
         fields += _entry("client", client)
+    if teams:
+        fields += _list_entry("teams", teams)
     namespace = _field(1, _NAMESPACE_KEY + _field(2, _field(5, fields)))
     return body + _field(_DYNAMIC_METADATA, namespace)
 

@@ -2,8 +2,8 @@
 
 Envoy sends one entry per finished request, in batches, on a stream that stays open
 (``StreamAccessLogs``). Each entry carries the route Envoy matched, the decision's dynamic
-metadata (who paid, the gateway client), the Lua meter's (model, tokens), the status, the
-times, the request id and ``x-claude-code-session-id``. Read here, off the byte path.
+metadata (who paid, the gateway client and its teams), the Lua meter's (model, tokens), the
+status, the times, the request id and ``x-claude-code-session-id``. Read here, off the byte path.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def record(policy: Policy, entry: accesslog_pb2.HTTPAccessLogEntry) -> UsageReco
         request_id=entry.request.request_id[:128],
         route=route.name,
         client=_text(decision, "client"),
-        teams=(),
+        teams=_texts(decision, "teams"),
         # No decision metadata: Envoy's fast path passed a client's own credential.
         credential_source=_text(decision, "credential_source") or "client",
         model=_bounded(_text(usage, "model")),
@@ -85,6 +85,19 @@ def _text(fields: _Fields, key: str) -> str:
     if value.WhichOneof("kind") != "string_value":
         raise UnreadableEntry(f"{key}: expected a string")
     return value.string_value
+
+
+def _texts(fields: _Fields, key: str) -> tuple[str, ...]:
+    """A list of names (the client's teams, as the processor wrote them)."""
+    value = _value(fields, key)
+    if value is None:
+        return ()
+    items = value.list_value.values
+    if value.WhichOneof("kind") != "list_value" or any(
+        v.WhichOneof("kind") != "string_value" for v in items
+    ):
+        raise UnreadableEntry(f"{key}: expected a list of names")
+    return tuple(v.string_value for v in items)
 
 
 def _count(fields: _Fields, key: str) -> int | None:

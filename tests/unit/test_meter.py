@@ -14,11 +14,17 @@ from typing import Any
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from envoy.service.accesslog.v3 import als_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from google.protobuf import json_format
+from harness.messages import headers_request
 
 from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE, Limit
-from extproc.policy.access import key_line
+from extproc.policy import responses
+from extproc.policy.access import KeyLine, key_digest, key_line
 from extproc.policy.compiled import Policy, compile_policy
+from extproc.policy.decision import Outcome
+from extproc.policy.processor import process
 from extproc.server.metrics import OTHER_CLIENTS, Metrics
 from extproc.usage import meter
 from extproc.usage.meter import Meter
@@ -220,3 +226,37 @@ def test_in_flight_starts_and_ends_by_the_same_rule(world: tuple[Policy, str]) -
         meter.started(policy, charges, client)
     assert charges.calls == [("started", "alice")]
     meter.started(policy, None, "alice")  # no limiter: nothing to count
+
+
+def test_the_decisions_teams_reach_the_record(world: tuple[Policy, str], tmp_path: Path) -> None:
+    """The processor writes the client's teams (a list) beside its name; the record has them."""
+    policy, route = world
+    line = KeyLine("bob", key_digest("gk-bob"), teams=("ml", "platform"))
+    (tmp_path / "keys.txt").write_text(line.text() + "\n")
+    teamed = compile_policy(load_config(tmp_path / "gateway.yaml"), {"SERVER": "sk-server"})
+    answer = process(teamed, headers_request(route, (("x-api-key", b"gk-bob"),)))
+    decision = ext_proc.ProcessingResponse.FromString(answer.payload).dynamic_metadata
+    written = json_format.MessageToDict(decision)[METADATA_NAMESPACE]
+    assert (written["client"], written["teams"]) == ("bob", ["ml", "platform"])
+    found = record(teamed, entry(route, written, USAGE))
+    assert found is not None and (found.client, found.teams) == ("bob", ("ml", "platform"))
+    found = record(policy, entry(route, {**paid(), "teams": ["ml", "platform"]}, USAGE))
+    assert found is not None and found.teams == ("ml", "platform")
+    assert record(policy, entry(route, paid(), USAGE)).teams == ()  # type: ignore[union-attr]
+    for wrong in ("ml", ["ml", 5]):
+        with pytest.raises(UnreadableEntry):
+            record(policy, entry(route, {**paid(), "teams": wrong}))
+
+
+def test_appended_teams_are_exactly_protobufs_own_encoding() -> None:
+    """Lengths around 127/128 at every nesting level: a varint off by one shows here."""
+    for size in range(1, 200, 7):
+        teams = tuple(f"t{n}" + "x" * size for n in range(3))
+        fields = responses.metadata_fields("r" * size, Outcome.INJECTED)
+        appended = responses.with_metadata(b"", fields, "c", teams)
+        slow = ext_proc.ProcessingResponse()
+        slow.dynamic_metadata.update({METADATA_NAMESPACE: {
+            "route": "r" * size, "credential_source": "injected", "outcome": "injected",
+            "client": "c", "teams": list(teams)}})  # fmt: skip
+        assert ext_proc.ProcessingResponse.FromString(appended) == slow, size
+        assert len(appended) == slow.ByteSize(), size
