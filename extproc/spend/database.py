@@ -9,7 +9,9 @@ rows they count, so the two never disagree. Money is integer nano-dollars.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,11 +103,16 @@ class Database(Protocol):
 
 
 class _Common:
-    """SQL both backends share; ``_ph`` is the parameter placeholder."""
+    """SQL both backends share; ``_ph`` is the parameter placeholder.
+
+    One connection serves the writer thread and the reload thread (a live budgets
+    reload reads the counters): ``_guard`` lets one transaction run on it at a time.
+    """
 
     where = ""
     _ph = "?"
     _id = ""
+    _guard: threading.Lock
 
     def _sql(self, text: str) -> str:
         return text.replace("?", self._ph)
@@ -217,7 +224,12 @@ class _Common:
     def _serialise(self, cur: Any) -> None:
         """One replica migrates at a time."""
 
-    def _transaction(self) -> Any:
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._guard, self._begin() as cur:
+            yield cur
+
+    def _begin(self) -> Any:
         raise NotImplementedError
 
 
@@ -237,6 +249,7 @@ class SqliteDatabase(_Common):
 
     def __init__(self, path: Path) -> None:
         self.where = f"sqlite {path}"
+        self._guard = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -250,7 +263,7 @@ class SqliteDatabase(_Common):
             raise DatabaseError(f"{self.where}: {_first_line(exc)}") from None
         self.migrate()
 
-    def _transaction(self) -> Any:
+    def _begin(self) -> Any:
         return _SqliteTransaction(self._db)
 
     def _serialise(self, cur: Any) -> None:
@@ -285,6 +298,7 @@ class PostgresDatabase(_Common):
         self._url = url
         self._password = password
         self._db: psycopg.Connection[Any] | None = None
+        self._guard = threading.Lock()
         self.migrate()
 
     def _conn(self) -> psycopg.Connection[Any]:
@@ -294,7 +308,7 @@ class PostgresDatabase(_Common):
             )
         return self._db
 
-    def _transaction(self) -> Any:
+    def _begin(self) -> Any:
         return _PostgresTransaction(self)
 
     def _serialise(self, cur: Any) -> None:

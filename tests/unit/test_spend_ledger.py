@@ -8,7 +8,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
@@ -176,6 +177,9 @@ class Flaky:
     def counters(self, starts: Mapping[Period, float]) -> Totals:
         return {}
 
+    def sums(self, starts: Mapping[Period, float]) -> Totals:
+        return {}
+
     def prune(self, before: float) -> int:
         return 0
 
@@ -238,3 +242,51 @@ def test_workers_on_one_sqlite_file_share_their_budgets(tmp_path: Path) -> None:
     assert alone.budgets.spent("client", "alice")[0] == 0
     for service in (one, two, alone):
         service.close()
+
+
+class _Held(Sequence[Row]):
+    """Rows whose reading waits for ``go``: a write kept inside its transaction."""
+
+    def __init__(self, rows: list[Row], inside: threading.Event, go: threading.Event) -> None:
+        self._rows, self._inside, self._go = rows, inside, go
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._rows[index]
+
+    def __iter__(self) -> Iterator[Row]:
+        self._inside.set()
+        assert self._go.wait(30)
+        return iter(self._rows)
+
+
+def test_a_budgets_reload_during_a_flush_waits_for_it_instead_of_failing(tmp_path: Path) -> None:
+    # The writer thread flushes while the reload thread reads the counters, on one connection.
+    db = SqliteDatabase(tmp_path / "spend.db")
+    row = Row(NOW, "r", "anthropic", "alice", "", "m", "injected", 200, 1, 1, 0, 0, 0, 5, "s")
+    inside, go = threading.Event(), threading.Event()
+    errors: list[str] = []
+
+    def write() -> None:
+        db.write(_Held([row], inside, go), {("client", "alice", "day", NOW): 5})
+
+    def read() -> None:
+        try:
+            db.counters({Period.DAY: NOW})
+        except DatabaseError as exc:
+            errors.append(str(exc))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert inside.wait(30)
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout=1)  # without the guard it fails at once; with it, it waits
+    go.set()
+    writer.join(30)
+    reader.join(30)
+    assert errors == []
+    assert db.counters({Period.DAY: NOW}) == {("client", "alice", Period.DAY): 5}
+    db.close()
