@@ -15,6 +15,7 @@ from pathlib import Path
 from extproc.config import fields
 from extproc.config.sections import REQUIRED
 from extproc.runtime.reload import RESTART_ONLY
+from extproc.spend.service import KEPT_UNTIL_RESTART
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 _INTRO = """\
@@ -34,15 +35,21 @@ document, and no alias inside its own anchor. Secret files are read up to 64 KiB
 up to 64 MiB; a directory, a FIFO or a device is refused without being read.
 
 **Reload**: `live` fields are taken over by a running `up` or `serve --xds-dir` when the file
-changes (see [operations](operations.md#live-changes)); `restart` fields are refused by a live
-reload (the last good config keeps serving) and need a restart. Bounds are inclusive.
+changes (see [operations](operations.md#live-changes)); a change of a `restart` field is
+refused by a live reload (the last good config keeps serving) until a restart; an `at restart`
+field's change is accepted, but the running processor keeps the old value until it restarts.
+Bounds are inclusive.
 """
 
 
-def restart_only(path: str) -> bool:
-    """Whether a live reload refuses a change of the field at ``path`` (``limits.sync_ms``)."""
-    covered = [p for paths in RESTART_ONLY.values() for p in paths]
-    return any(path == p or path.startswith(p + ".") for p in covered)
+def reload(path: str) -> str:
+    """What a live reload does with a change of the field at ``path`` (``limits.sync_ms``)."""
+    refused = [p for paths in RESTART_ONLY.values() for p in paths]
+    if any(path == p or path.startswith(p + ".") for p in refused):
+        return "restart"
+    if path in {f"spend.{name}" for name in KEPT_UNTIL_RESTART}:
+        return "at restart"
+    return "live"
 
 
 def _default(field: fields.Field) -> str:
@@ -59,9 +66,8 @@ def _bounds(field: fields.Field) -> str:
 
 def _row(table: fields.Table, field: fields.Field) -> str:
     path = f"{table.path}.{field.name}" if table.path else field.name
-    reload = "restart" if restart_only(path) else "live"
     cells = [f"`{field.name}`", field.kind.replace("|", "\\|"), _default(field), _bounds(field),
-             reload, field.doc.replace("|", "\\|")]  # fmt: skip
+             reload(path), field.doc.replace("|", "\\|")]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
 
 

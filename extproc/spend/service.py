@@ -49,6 +49,8 @@ from extproc.usage.record import UsageRecord
 
 log = logging.getLogger("extproc.spend")
 MAX_QUEUED = 100_000
+# What a reload leaves as it is in a running processor until a restart (docs/configuration.md).
+KEPT_UNTIL_RESTART = ("store", "state_dir", "timezone", "password")
 _PRUNE_EVERY_S = 3600.0
 _DOWN = Refusal(503, "budget_store", 5, "Budgets cannot be checked right now; retry shortly.")
 
@@ -136,11 +138,10 @@ class SpendService:
         """
         if spend is None or spend == self.spend:
             return
-        kept = (self.spend.store, self.spend.state_dir, self.spend.timezone, self.spend.password)
-        if (spend.store, spend.state_dir, spend.timezone, spend.password) != kept:
+        kept = {name: getattr(self.spend, name) for name in KEPT_UNTIL_RESTART}
+        if {name: getattr(spend, name) for name in KEPT_UNTIL_RESTART} != kept:
             log.warning("spend: store, state_dir and timezone changes take effect at restart")
-            spend = replace(spend, store=kept[0], state_dir=kept[1], timezone=kept[2])
-            spend = replace(spend, password=kept[3])
+            spend = replace(spend, **kept)
         sink = self._sink
         budgets = Budgets(spend, self._clock, sink.soft_threshold if sink else None)
         if spend.prices != self.spend.prices:

@@ -162,7 +162,28 @@ def test_the_reload_column_is_what_a_live_reload_refuses(tmp_path: Path) -> None
         assert _restart_only_changes(old, new) == [f"{name_}: changing it needs a restart"]
     live = dataclasses.replace(old, metering_flush_ms=500)
     assert _restart_only_changes(old, live) == []
-    assert reference.restart_only("limits.sync_ms")
-    assert reference.restart_only("extproc.workers")
-    assert not reference.restart_only("limits.default")
-    assert not reference.restart_only("metering_flush_ms")
+    assert reference.reload("limits.sync_ms") == "restart"
+    assert reference.reload("extproc.workers") == "restart"
+    assert reference.reload("limits.default") == "live"
+    assert reference.reload("metering_flush_ms") == "live"
+
+
+def test_spend_fields_kept_until_a_restart_are_marked_so(tmp_path: Path) -> None:
+    """A reload that changes them is taken, but the running spend service keeps the old ones."""
+    from extproc.spend.service import KEPT_UNTIL_RESTART, SpendService, open_database
+
+    name = tmp_path / "gateway.yaml"
+    name.write_text(BASE + "metering: true\nspend: {timezone: UTC}\n")
+    old = load_config(name).spend
+    name.write_text(BASE + "metering: true\nspend: {timezone: Europe/Berlin, soft_percent: 50}\n")
+    new = load_config(name).spend
+    assert old is not None and new is not None
+    service = SpendService(old, open_database(old, {}))
+    try:
+        service.reconfigure(new)
+        assert service.spend.timezone == "UTC"
+        assert service.spend.soft_percent == 50
+    finally:
+        service.close()
+    assert {reference.reload(f"spend.{n}") for n in KEPT_UNTIL_RESTART} == {"at restart"}
+    assert reference.reload("spend.soft_percent") == "live"
