@@ -148,8 +148,8 @@ class SpendService:
             self.prices = PriceBook(spend.prices, sink.unknown_price if sink else None)
         self.spend = spend
         self._refuse_when_down = spend.on_store_error is StoreFailure.CLOSED
+        self.refresh(budgets)  # spent loaded before it serves: admit never sees it empty
         self.budgets = budgets  # one reference swap: admit uses the old or the new, whole
-        self.refresh()
         if sink is not None:
             sink.watch(budgets)
         log.info("spend: budgets reloaded")
@@ -222,8 +222,9 @@ class SpendService:
         self._report(len(batch))
         return len(batch)
 
-    def refresh(self) -> None:
-        """Budgets from the shared counters (every replica's writes) plus what is still queued."""
+    def refresh(self, budgets: Budgets | None = None) -> None:
+        """``budgets`` (the served ones by default) from the shared counters (every
+        replica's writes) plus what is still queued."""
         try:
             starts = self._starts()
             totals = self._db.counters(starts)
@@ -237,7 +238,7 @@ class SpendService:
                 kind = current.get((period, start))
                 if kind is not None and amount:  # only what counts in the current periods
                     merged[(scope, name, kind)] = merged.get((scope, name, kind), 0) + amount
-            self.budgets.load(merged)
+            (self.budgets if budgets is None else budgets).load(merged)
 
     def _run(self) -> None:
         interval = self.spend.flush_ms / 1000

@@ -290,3 +290,27 @@ def test_a_budgets_reload_during_a_flush_waits_for_it_instead_of_failing(tmp_pat
     assert errors == []
     assert db.counters({Period.DAY: NOW}) == {("client", "alice", Period.DAY): 5}
     db.close()
+
+
+def test_a_budgets_reload_never_serves_budgets_before_their_spend_is_loaded(
+    tmp_path: Path,
+) -> None:
+    # admit runs on the request path while the reload thread reads the counters
+    s = spend(tmp_path)
+    db = open_database(s)
+    service = SpendService(s, db, clock=lambda: NOW)
+    service.records([rec(rid="1"), rec(rid="2"), rec(rid="3")])  # $6.75 of alice's $5
+    service.flush()
+    seen: list[object] = []
+    read = db.counters
+
+    def counters(starts: Mapping[Period, float]) -> Totals:
+        seen.append(service.admit("alice"))  # a request arriving during the read
+        return read(starts)
+
+    db.counters = counters  # type: ignore[method-assign]
+    service.reconfigure(replace(s, clients=(("alice", Budget(day=Decimal(6))),)))
+    assert seen and all(refusal is not None for refusal in seen)
+    refusal = service.admit("alice")
+    assert refusal is not None and "$6.75 spent of $6.00" in refusal.message
+    service.close()
