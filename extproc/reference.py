@@ -35,7 +35,7 @@ document, and no alias inside its own anchor. Secret files are read up to 64 KiB
 up to 64 MiB; a directory, a FIFO or a device is refused without being read.
 
 **Reload**: `live` fields are taken over by a running `up` or `serve --xds-dir` when the file
-changes (see [operations](operations.md#live-changes)); a change of a `restart` field is
+changes (see [operations](operations.md#live-changes-config-secrets-keys)); a change of a `restart` field is
 refused by a live reload (the last good config keeps serving) until a restart; an `at restart`
 field's change is accepted, but the running processor keeps the old value until it restarts.
 Bounds are inclusive.
