@@ -12,7 +12,7 @@ it: the JSON line (the token fields) and the gRPC entry the processor turns into
 
 from __future__ import annotations
 
-from extproc.config.model import GatewayConfig
+from extproc.config.model import METADATA_NAMESPACE, GatewayConfig
 from extproc.render.common import (
     ACCESSLOG_CLUSTER,
     METERING_FILTER,
@@ -24,6 +24,7 @@ from extproc.render.common import (
 USAGE_NAMESPACE = "credential_gateway.usage"
 SESSION_HEADER = "x-claude-code-session-id"
 ACCESSLOG_NAME = "credential_gateway"  # the identifier's log_name in every stream
+ROUTE_SOURCE_TAG = "route_credential_source"  # the route's credential_source, as a custom tag
 # The usage fields of the JSON access-log line, from the Lua filter's metadata.
 USAGE_LOG_FIELDS = {
     "model": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:model)%",
@@ -267,14 +268,24 @@ def grpc_access_log(config: GatewayConfig) -> Json:
     """One entry per request to the processor's AccessLogService, batched.
 
     Envoy keeps one stream per worker thread and drops an entry (``logs_dropped``) when the
-    stream is backed up; the JSON line of the same request still has the counts.
+    stream is backed up; the JSON line of the same request still has the counts. The route's
+    ``credential_source`` (``client`` on the fast path, where no decision is made) goes along
+    as a custom tag (entries carry dynamic metadata, not the route's).
     """
+    route_source = {
+        "tag": ROUTE_SOURCE_TAG,
+        "metadata": {
+            "kind": {"route": {}},
+            "metadata_key": {"key": METADATA_NAMESPACE, "path": [{"key": "credential_source"}]},
+        },
+    }
     common = {
         "log_name": ACCESSLOG_NAME,
         "grpc_service": {"envoy_grpc": {"cluster_name": ACCESSLOG_CLUSTER}},
         "transport_api_version": "V3",
         "buffer_flush_interval": seconds(config.metering_flush_ms / 1000),
         "buffer_size_bytes": _BUFFER_BYTES,
+        "custom_tags": [route_source],
     }
     logger = typed(
         "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",

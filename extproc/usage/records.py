@@ -22,6 +22,8 @@ from extproc.usage.record import UsageRecord
 
 USAGE_NAMESPACE = "credential_gateway.usage"  # the Lua meter's (extproc.render.metering)
 SESSION_HEADER = "x-claude-code-session-id"
+ROUTE_SOURCE_TAG = "route_credential_source"  # the route's credential_source (render.metering)
+_SOURCES = frozenset({"injected", "client", "none"})
 _PRINTABLE = re.compile(r"^[\x21-\x7e]{1,128}$")  # a model or session id kept as sent, bounded
 _MAX_COUNT = 2**53  # a JSON number Envoy stored as a double, still exact
 _Fields = Mapping[str, struct_pb2.Value]
@@ -57,8 +59,7 @@ def record(policy: Policy, entry: accesslog_pb2.HTTPAccessLogEntry) -> UsageReco
         route=route.name,
         client=_text(decision, "client"),
         teams=_texts(decision, "teams"),
-        # No decision metadata: Envoy's fast path passed a client's own credential.
-        credential_source=_text(decision, "credential_source") or "client",
+        credential_source=_source(decision, common.custom_tags),
         model=_bounded(_text(usage, "model")),
         status=entry.response.response_code.value,
         duration_ms=elapsed.seconds * 1000 + elapsed.nanos // 1_000_000,
@@ -76,6 +77,14 @@ def meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
     """The Lua meter hit an error on this response (it passed, uncounted from there on)."""
     metadata = entry.common_properties.metadata.filter_metadata
     return USAGE_NAMESPACE in metadata and _flag(metadata[USAGE_NAMESPACE].fields, "error")
+
+
+def _source(decision: _Fields, tags: Mapping[str, str]) -> str:
+    """Who paid: the decision says; where Envoy skipped the processor, the route's fast-path
+    copy says ``client``. Neither (the processor failed or timed out, or Envoy refused first):
+    nobody's credential is known to have gone upstream, ``none``."""
+    source = _text(decision, "credential_source") or tags.get(ROUTE_SOURCE_TAG, "")
+    return source if source in _SOURCES else "none"
 
 
 def _text(fields: _Fields, key: str) -> str:

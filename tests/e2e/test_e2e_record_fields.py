@@ -9,6 +9,7 @@ the client paid even when no decision was made.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -117,3 +118,39 @@ def test_a_team_budget_is_charged_from_real_traffic_and_refuses_at_its_cap(setup
     page = scrape(setup.metrics)
     charged = metric_sum(page, "gateway_spend_usd_total", team="platform", paid_by="injected")
     assert charged == pytest.approx(3 * COST_NANO / 1e9)
+
+
+def test_a_fast_path_record_says_the_client_paid_and_an_undecided_one_says_none(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    """An own key skips the processor (Envoy's fast path): its record takes ``client`` from the
+    route. A gateway key while the processor is stalled (SIGSTOP: its streams stay open) gets
+    Envoy's error after the processor's timeout, no decision: its record, sent once the
+    processor runs again, says ``none`` — no credential is known to have gone upstream."""
+    upstream = start_upstream("anthropic-upstream", responder=respond)
+    metrics = free_port()
+    top = {"metering": True, "metering_flush_ms": 50,
+           "access": {"keys_file": str(keys_file(tmp_path / "keys.txt"))},
+           "metrics": {"address": "127.0.0.1", "port": metrics}}  # fmt: skip
+    route = credential_route("anthropic", upstream.url(), prefix="/anthropic")
+    setup = Setup(start_gateway([route], env={"ANTHROPIC_KEY": SERVER}, top=top), metrics, tmp_path)
+
+    def records(**labels: str) -> float:
+        return metric_sum(scrape(metrics), "gateway_usage_requests_total", **labels)
+
+    assert setup.post(OWN).status_code == 200
+    poll(records, lambda n: n == 1, "the fast-path record")
+    assert records(credential_source="client", client="") == 1
+    processor = setup.gateway.extproc_process
+    assert processor is not None
+    processor.send_signal(signal.SIGSTOP)
+    try:
+        refused = setup.post(ALICE)
+    finally:
+        processor.send_signal(signal.SIGCONT)
+    assert refused.status_code >= 500 and len(upstream.requests) == 1
+    poll(records, lambda n: n == 2, "the undecided request's record")
+    assert records(credential_source="none", client="") == 1
+    assert records(credential_source="client") == 1

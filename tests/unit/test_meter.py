@@ -29,7 +29,7 @@ from extproc.server.metrics import OTHER_CLIENTS, Metrics
 from extproc.usage import meter
 from extproc.usage.meter import Meter
 from extproc.usage.record import UsageRecord
-from extproc.usage.records import USAGE_NAMESPACE, UnreadableEntry, record
+from extproc.usage.records import ROUTE_SOURCE_TAG, USAGE_NAMESPACE, UnreadableEntry, record
 
 CLAUDE = "claude-sonnet-4-5-20250929"
 CONFIG = """\
@@ -63,11 +63,15 @@ def entry(
     route: str,
     decision: dict[str, Any] | None = None,
     usage: dict[str, Any] | None = None,
+    route_source: str = "client",
     **headers: str,
 ) -> log_pb.HTTPAccessLogEntry:
+    """Without a decision, by default a fast-path copy's entry: its route says ``client``."""
     found = log_pb.HTTPAccessLogEntry()
     common = found.common_properties
     common.route_name = route
+    if decision is None and route_source:
+        common.custom_tags[ROUTE_SOURCE_TAG] = route_source
     common.start_time.seconds, common.start_time.nanos = 1_760_000_000, 500_000_000
     common.duration.seconds, common.duration.nanos = 2, 345_000_000
     if decision is not None:
@@ -134,7 +138,7 @@ def test_an_entry_becomes_a_record_of_everything_the_contract_names(
     assert found.charged and found.total_tokens == 152
 
 
-def test_without_decision_metadata_the_client_paid_and_without_usage_nothing_is_known(
+def test_on_the_fast_path_the_client_paid_and_without_usage_nothing_is_known(
     world: tuple[Policy, str],
 ) -> None:
     policy, route = world
@@ -147,6 +151,17 @@ def test_without_decision_metadata_the_client_paid_and_without_usage_nothing_is_
         False,
     )
     assert found.session_id == "" and found.complete
+
+
+def test_without_a_decision_off_the_fast_path_nobody_is_known_to_have_paid(
+    world: tuple[Policy, str],
+) -> None:
+    """The processor failed or timed out (or Envoy refused first): no credential is known to
+    have gone upstream; a tag that is no source at all counts the same."""
+    policy, route = world
+    for tag in ("", "someone"):
+        found = record(policy, entry(route, route_source=tag))
+        assert found is not None and found.credential_source == "none"
 
 
 def test_a_cut_stream_is_incomplete_and_keeps_what_was_reported(
