@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from extproc.config.model import GatewayConfig, StoreFailure
 from extproc.config.spend import Period, Spend
 from extproc.policy.limits import Refusal
-from extproc.policy.secrets import read_secret
+from extproc.policy.secrets import SecretError, read_secret
 from extproc.spend.budgets import Budgets
 from extproc.spend.database import (
     CounterKey,
@@ -70,11 +70,17 @@ class SpendSink(Protocol):
 
 
 def open_database(spend: Spend, environ: Mapping[str, str] = os.environ) -> Database:
-    """The configured database, its schema upgraded; raises DatabaseError naming it."""
+    """The configured database, its schema upgraded; raises DatabaseError naming it
+    (SecretError naming the password's source)."""
     if not spend.shared:
         return SqliteDatabase(spend.sqlite_file)
     secret = read_secret(spend.password, environ) if spend.password else None
-    return PostgresDatabase(spend.store, secret.reveal().decode() if secret else None)
+    try:
+        password = secret.reveal().decode() if secret else None
+    except UnicodeDecodeError:  # its message would quote a byte of the password
+        assert spend.password is not None
+        raise SecretError(f"{spend.password.describe()} is not UTF-8 text") from None
+    return PostgresDatabase(spend.store, password)
 
 
 def spend_for(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 from extproc.config.model import Limit, Limits, StoreFailure
 from extproc.policy.limits import Refusal
-from extproc.policy.secrets import read_secret
+from extproc.policy.secrets import SecretError, read_secret
 from extproc.usage.store import MemoryStore, OnSync, RedisStore, Store
 
 UNREAD = (
@@ -107,7 +107,11 @@ def limiter_for(
             on_sync(True, 0)
         return Limiter(MemoryStore()) if limits is not None else None
     secret = read_secret(limits.password, environ) if limits.password else None
-    password = secret.reveal() if secret else None
+    try:
+        password = secret.reveal().decode() if secret else None
+    except UnicodeDecodeError:  # its message would quote a byte of the password
+        assert limits.password is not None
+        raise SecretError(f"{limits.password.describe()} is not UTF-8 text") from None
     store = RedisStore(limits.store, password, limits.sync_ms / 1000, on_sync=on_sync)
     store.start()
     return Limiter(store)

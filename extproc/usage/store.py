@@ -134,7 +134,7 @@ class RedisStore:
     def __init__(
         self,
         url: str,
-        password: bytes | None,
+        password: str | None,
         sync_s: float,
         clock: Callable[[], float] = time.time,
         on_sync: OnSync | None = None,
@@ -144,7 +144,7 @@ class RedisStore:
         timeout = max(0.5, min(2.0, 4 * sync_s))
         self._redis = redis.Redis.from_url(
             url,
-            password=password.decode() if password else None,
+            password=password or None,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )

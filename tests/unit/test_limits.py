@@ -23,6 +23,7 @@ from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.limits import Refusal
 from extproc.policy.processor import process
+from extproc.policy.secrets import SecretError
 from extproc.server.metrics import Metrics
 from extproc.usage.limiter import Limiter, limiter_for
 from extproc.usage.store import MemoryStore, RedisStore
@@ -531,6 +532,14 @@ def test_a_shared_store_gets_its_url_password_and_sync_interval() -> None:
     finally:
         lim.close()
     assert not store._thread.is_alive()
+
+
+def test_a_password_that_is_not_utf8_is_a_secret_error_quoting_no_byte(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_bytes(b"\xff\xfesecret")
+    limits = Limits(store="redis://127.0.0.1:9", password=SecretRef(file=tmp_path / "pw"))
+    with pytest.raises(SecretError) as caught:
+        limiter_for(limits, {})
+    assert "is not UTF-8 text" in str(caught.value) and "0xff" not in str(caught.value)
 
 
 def test_a_shared_store_without_a_password() -> None:

@@ -59,7 +59,7 @@ class Syncs:
 def stores() -> Iterator[Callable[..., RedisStore]]:
     made: list[RedisStore] = []
 
-    def make(url: str, on_sync: Syncs | None = None, password: bytes | None = None) -> RedisStore:
+    def make(url: str, on_sync: Syncs | None = None, password: str | None = None) -> RedisStore:
         made.append(RedisStore(url, password, ASLEEP, on_sync=on_sync))
         return made[-1]
 

@@ -19,8 +19,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from extproc.config.model import StoreFailure
+from extproc.config.model import SecretRef, StoreFailure
 from extproc.config.spend import Budget, Period, Spend
+from extproc.policy.secrets import SecretError
 from extproc.spend.database import (
     SCHEMA_VERSION,
     CounterKey,
@@ -314,3 +315,13 @@ def test_a_budgets_reload_never_serves_budgets_before_their_spend_is_loaded(
     refusal = service.admit("alice")
     assert refusal is not None and "$6.75 spent of $6.00" in refusal.message
     service.close()
+
+
+def test_a_postgres_password_that_is_not_utf8_is_a_secret_error_quoting_no_byte(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pw").write_bytes(b"\xff\xfesecret")
+    s = Spend(store="postgresql://u@127.0.0.1:9/db", password=SecretRef(file=tmp_path / "pw"))
+    with pytest.raises(SecretError) as caught:
+        open_database(s)
+    assert "is not UTF-8 text" in str(caught.value) and "0xff" not in str(caught.value)
