@@ -140,7 +140,8 @@ def compile_policy(
         if secret is None and route.spends_server_key:
             missing.append(route.name)
         old = previous.routes.get(route.envoy_name) if previous else None
-        compiled[route.envoy_name] = _compile_route(route, secret, keys, old)
+        rule = _rule(route, secret is not None, keys, people=config.sso is not None)
+        compiled[route.envoy_name] = _compile_route(route, secret, rule, old)
     limits = config.limits
     if limits is not None and limits.password is not None:
         try:  # read by the limiter; checked here so a missing one is a config error too
@@ -176,7 +177,7 @@ def _keys(
 
 
 def _compile_route(
-    route: Route, secret: Secret | None, keys: GatewayKeys | None, old: CompiledRoute | None
+    route: Route, secret: Secret | None, rule: RouteRule, old: CompiledRoute | None
 ) -> CompiledRoute:
     credential = route.credential
     value = None
@@ -185,15 +186,14 @@ def _compile_route(
         value = Secret(before.encode() + secret.reveal() + after.encode())
     identity = _identity(route, value)
     answers = old.answers if old and old.identity == identity else RouteAnswers(route, value)
-    rule = _rule(route, value is not None, keys)
     return CompiledRoute(route.name, rule, answers, identity, route.error_style)
 
 
-def _rule(route: Route, has_secret: bool, keys: GatewayKeys | None) -> RouteRule:
+def _rule(route: Route, has_secret: bool, keys: GatewayKeys | None, people: bool) -> RouteRule:
     credential = route.credential
     if credential is None:
         clients = frozenset(DEFAULT_CLIENT_CREDENTIALS)  # for the label when the client pays
-        return RouteRule("", clients, False, keys, forward_only=True)
+        return RouteRule("", clients, False, keys, forward_only=True, people=people)
     return RouteRule(
         credential.header,
         frozenset(credential.client_credentials),
@@ -201,6 +201,7 @@ def _rule(route: Route, has_secret: bool, keys: GatewayKeys | None) -> RouteRule
         keys,
         credential.mode,
         frozenset(p.encode() for p in credential.placeholders),
+        people=people,
     )
 
 

@@ -62,6 +62,7 @@ class Outcome(Enum):
 # carries no credential: it counts as blank.
 _BARE_SCHEMES = frozenset({b"bearer", b"basic"})
 _KEY_PREFIX = KEY_PREFIX.encode()
+_JWT_START = b"eyJ"  # base64url of '{"': how every JWT begins
 _NOBODY: tuple[str, float, tuple[str, ...]] = ("", math.inf, ())  # no key: Decision's defaults
 
 
@@ -106,6 +107,7 @@ class RouteRule:
     mode: CredentialMode = CredentialMode.PREFER_CLIENT
     placeholders: frozenset[bytes] = frozenset()  # tokens that count as blank
     forward_only: bool = False  # a route with no credential section: only gateway keys matter
+    people: bool = False  # SSO on: a JWT left in a slot is one Envoy did not verify
 
 
 class Decision(NamedTuple):  # a tuple: cheap to build once per request
@@ -136,6 +138,10 @@ def _scan(rule: RouteRule, headers: Iterable[tuple[str, bytes]]) -> _Seen:
         if lower == key_header:  # Envoy strips this header on every route
             presented.add(value.strip())
         elif lower in STANDARD_SLOTS or lower in rule.client_credentials:
+            if rule.people and token_of(lower, value).startswith(_JWT_START):
+                _add(keyed, lower)  # never passed on: denied like a malformed gateway key
+                presented.add(b"")
+                continue
             key = gateway_key(value)
             if key is not None:
                 _add(keyed, lower)

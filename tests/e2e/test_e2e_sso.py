@@ -124,14 +124,15 @@ def test_refused_tokens_get_401_in_the_providers_shape(
     )
     other_audience = provider.token("alice-cli", "https://another.test")
     short = provider.token("bob-cli", AUDIENCE)  # lives 2 s
-    for token in (tampered, other_audience):
+    two_parts = f"{head}.{payload}"  # not shaped like a JWT: the processor refuses it
+    for token in (tampered, other_audience, two_parts):
         status, body = _send(gateway, [("x-api-key", token)])
         assert status == 401, token[:10]
         assert body["type"] == "error"
         assert body["error"]["type"] == "authentication_error"  # type: ignore[index]
     poll(lambda: _send(gateway, [("x-api-key", short)])[0] == 401, "refusing an expired token")
     assert upstream.requests == [] or all(
-        not leaks([tampered, other_audience, short], _blob(r)) for r in upstream.requests
+        not leaks([tampered, other_audience, two_parts, short], _blob(r)) for r in upstream.requests
     )
 
 

@@ -234,3 +234,17 @@ def test_model_allowlists_read_the_body_in_envoy_before_the_processor(tmp_path: 
         r["request_body_buffer_limit"] == models.BODY_LIMIT_BYTES for r in forwarding
     )
     assert models.http_filters(load_config(write(tmp_path, BASE))) == []  # no sso: nothing read
+
+
+def test_a_jwt_envoy_did_not_verify_is_never_passed_on() -> None:
+    """Envoy checks only values shaped like a JWT; anything else starting like one is denied."""
+    people = RouteRule(
+        "x-api-key", frozenset({"x-api-key", "authorization"}), True, KEYS, people=True
+    )
+    odd = b"eyJhbGciOi.not-three-parts"
+    for header, value in (("x-api-key", odd), ("authorization", b"Bearer " + odd)):
+        assert decide(people, [(header, value)]).outcome is Outcome.DENIED
+        assert decide(people, [(header, value)], Identity("a@x.org")).outcome is Outcome.DENIED
+        assert decide(RULE, [(header, value)]).outcome.credential_source == "client"  # no SSO
+    own = decide(people, [("x-api-key", b"sk-ant-api03-own")])
+    assert own.outcome is Outcome.CLIENT_API_KEY
