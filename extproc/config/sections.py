@@ -133,7 +133,8 @@ class Section:
             return kind(value)
         except ValueError:
             choices = ", ".join(str(m.value) for m in kind)
-            self.error(key, f"expected one of {choices}, got {value!r}")
+            shown = repr(value) if _FIELD_LIKE.match(str(value)) else _kind(value)
+            self.error(key, f"expected one of {choices}, got {shown}")
             return None
 
     def section(self, key: str, fields: Iterable[str], required: bool = False) -> Section | None:

@@ -344,6 +344,14 @@ def test_a_key_pasted_as_a_field_name_is_never_echoed(tmp_path: Path) -> None:
     ]
 
 
+def test_a_key_pasted_as_a_choice_is_never_echoed(tmp_path: Path) -> None:
+    pasted = "sk-ant-api03-" + "PASTEDKEY" * 8
+    found = problems(GOOD + "extproc: {failure_mode: " + pasted + "}\n", tmp_path)
+    assert found == [
+        "gateway.yaml:9 extproc.failure_mode: expected one of closed, open, got a string"
+    ]
+
+
 def test_missing_env_secret_names_the_variable_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text(GOOD)
