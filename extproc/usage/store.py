@@ -14,6 +14,11 @@ only what it copied, and talks to Redis without it. ``sync`` never raises: a
 failure of any kind marks the store down, is logged once per episode and is
 reported to ``on_sync`` (the metrics: ``gateway_limits_store_up`` 0, a failure counted).
 
+Requests in flight are *leases*: each start holds one until its record ends it, or for
+at most ``INFLIGHT_LEASE_S``, so a record that never comes (the access-log stream down, or
+Envoy's buffer full) cannot hold a client's slot until a restart. A record ends the client's
+oldest lease (records name no lease); one whose lease has run out ends nothing.
+
 A series the replica has never read is *unread*: ``get`` answers None, and the
 limiter lets the client have one request (``unread_admit``) while the sync
 thread, woken at once, reads it. The sync also reads the next window of every
@@ -26,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -35,6 +41,7 @@ WATCH_S = 120.0  # a series or client not asked about for this long is no longer
 KEEP_S = 60  # a window's counter outlives its end by this much (a replica's clock may lag)
 APPLY_CHUNK = 256  # results applied per hold of the lock
 _PURGE_EVERY_S = 10.0
+INFLIGHT_LEASE_S = 600.0  # a request in flight whose record never came stops counting then
 
 OnSync = Callable[[bool, int], None]  # (the sync worked, counts lost since the last report)
 
@@ -64,6 +71,42 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+class Leases:
+    """Requests in flight per client, each counted from its start for at most ``lease_s``.
+
+    Not locked: the store that holds it calls it under its own lock. Leases of one client
+    end in the order they started (one lease length), so the expired ones are at the front.
+    """
+
+    def __init__(self, lease_s: float) -> None:
+        self._lease_s = lease_s
+        self._held: dict[str, deque[float]] = {}  # client -> when each lease ends
+
+    def count(self, client: str, now: float) -> int:
+        held = self._held.get(client)
+        if not held:
+            return 0
+        while held and held[0] < now:
+            held.popleft()
+        if not held:
+            del self._held[client]
+        return len(held)
+
+    def add(self, client: str, delta: int, now: float) -> None:
+        """``delta`` leases more (started) or fewer (finished: the oldest end first)."""
+        if delta > 0:
+            self._held.setdefault(client, deque()).extend([now + self._lease_s] * delta)
+            return
+        for _ in range(min(-delta, self.count(client, now))):
+            self._held[client].popleft()
+        self.count(client, now)  # drops the client's entry once it holds none
+
+    def purge(self, now: float) -> None:
+        """Forget run-out leases of clients not asked about since (walks clients in flight)."""
+        for client in list(self._held):
+            self.count(client, now)
+
+
 def window_key(series: str, index: int) -> str:
     return f"{series}:{index}"
 
@@ -75,16 +118,18 @@ def _expires(seconds: int, index: int) -> float:
 class MemoryStore:
     """Counters of this process alone: exact, and gone with it.
 
-    Writes hold the lock (grpcio serves from threads); a read is one dictionary
-    lookup, atomic on its own.
+    Writes and in-flight reads (they drop run-out leases) hold the lock (grpcio serves
+    from threads); a count read is one dictionary lookup, atomic on its own.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, lease_s: float = INFLIGHT_LEASE_S
+    ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._expiry: dict[str, float] = {}
-        self._inflight: dict[str, int] = {}
+        self._inflight = Leases(lease_s)
         self._next_purge = 0.0
 
     @property
@@ -102,11 +147,12 @@ class MemoryStore:
             self._purge()
 
     def inflight(self, client: str) -> int:
-        return self._inflight.get(client, 0)
+        with self._lock:
+            return self._inflight.count(client, self._clock())
 
     def inflight_add(self, client: str, delta: int) -> None:
         with self._lock:
-            _add_inflight(self._inflight, client, delta)
+            self._inflight.add(client, delta, self._clock())
 
     def unread_admit(self, client: str) -> bool:
         return True  # nothing is ever unread here
@@ -121,6 +167,7 @@ class MemoryStore:
             return
         self._next_purge = now + _PURGE_EVERY_S
         _drop_expired(self._counts, self._expiry, now)
+        self._inflight.purge(now)
 
 
 class RedisStore:
@@ -136,8 +183,10 @@ class RedisStore:
         url: str,
         password: str | None,
         sync_s: float,
+        *,
         clock: Callable[[], float] = time.time,
         on_sync: OnSync | None = None,
+        lease_s: float = INFLIGHT_LEASE_S,
     ) -> None:
         import redis  # only processes with a shared store need the client
 
@@ -161,7 +210,7 @@ class RedisStore:
         self._pushing: dict[str, tuple[int, float]] = {}  # the batch on its way to Redis
         self._series: dict[str, tuple[int, float]] = {}  # series -> (seconds, followed until)
         self._clients: dict[str, float] = {}  # client -> followed until (its in-flight hash)
-        self._inflight: dict[str, int] = {}  # this instance's requests in flight
+        self._inflight = Leases(lease_s)  # this instance's requests in flight
         self._remote: dict[str, int] = {}  # other instances' requests in flight, once read
         self._unread: set[str] = set()  # clients that had their one request while unread
         self._healthy = True
@@ -203,12 +252,13 @@ class RedisStore:
             remote = self._remote.get(client)
             if remote is None and self._healthy:
                 return None
-            return self._inflight.get(client, 0) + (remote or 0)
+            return self._inflight.count(client, self._clock()) + (remote or 0)
 
     def inflight_add(self, client: str, delta: int) -> None:
         with self._lock:
-            self._clients[client] = self._clock() + WATCH_S
-            _add_inflight(self._inflight, client, delta)
+            now = self._clock()
+            self._clients[client] = now + WATCH_S
+            self._inflight.add(client, delta, now)
 
     def unread_admit(self, client: str) -> bool:
         with self._lock:
@@ -254,7 +304,7 @@ class RedisStore:
             self._pending = {}
             series = list(self._series.items())
             clients = [c for c, until in self._clients.items() if until >= now]
-            mine = {c: self._inflight.get(c, 0) for c in clients}
+            mine = {c: self._inflight.count(c, now) for c in clients}
             unread = list(self._unread)
         reads = _to_read(series, push, now, 2 * self._sync_s)
         results = self._round_trip(push, reads, mine, now)
@@ -360,6 +410,7 @@ class RedisStore:
         for client in [c for c, until in self._clients.items() if until < now]:
             del self._clients[client]
             self._remote.pop(client, None)
+        self._inflight.purge(now)
 
 
 def _to_read(
@@ -386,14 +437,6 @@ def _to_read(
 def _add_pending(pending: dict[str, tuple[int, float]], key: str, delta: int, at: float) -> None:
     before = pending.get(key)
     pending[key] = ((before[0] if before else 0) + delta, at)
-
-
-def _add_inflight(inflight: dict[str, int], client: str, delta: int) -> None:
-    count = inflight.get(client, 0) + delta
-    if count > 0:
-        inflight[client] = count
-    else:
-        inflight.pop(client, None)
 
 
 def _drop_expired(counts: dict[str, int], expiry: dict[str, float], now: float) -> None:
