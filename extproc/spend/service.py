@@ -121,6 +121,7 @@ class SpendService:
         self.prices = PriceBook(spend.prices, sink.unknown_price if sink else None)
         self.budgets = Budgets(spend, clock, sink.soft_threshold if sink else None)
         self._lock = threading.Lock()
+        self._flushing = threading.RLock()  # a flush (which may refresh) or a refresh
         self._queue: deque[tuple[Row, dict[CounterKey, int]]] = deque()
         self._pending: dict[CounterKey, int] = {}  # charged, not yet written
         self._dropped = 0
@@ -195,7 +196,16 @@ class SpendService:
         self._db.close()
 
     def flush(self) -> int:
-        """Write what is queued in one transaction; returns the rows written (0 if down)."""
+        """Write what is queued in one transaction; returns the rows written (0 if down).
+
+        One flush at a time (the writer's, or the last one at ``close``), and never beside
+        a ``refresh``: counters read between a batch's commit and its leaving ``_pending``
+        would count it twice.
+        """
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> int:
         with self._lock:
             batch = list(self._queue)
         if not batch:
@@ -231,6 +241,10 @@ class SpendService:
     def refresh(self, budgets: Budgets | None = None) -> None:
         """``budgets`` (the served ones by default) from the shared counters (every
         replica's writes) plus what is still queued."""
+        with self._flushing:
+            self._refresh(budgets)
+
+    def _refresh(self, budgets: Budgets | None) -> None:
         try:
             starts = self._starts()
             totals = self._db.counters(starts)

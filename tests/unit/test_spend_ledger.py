@@ -325,3 +325,52 @@ def test_a_postgres_password_that_is_not_utf8_is_a_secret_error_quoting_no_byte(
     with pytest.raises(SecretError) as caught:
         open_database(s)
     assert "is not UTF-8 text" in str(caught.value) and "0xff" not in str(caught.value)
+
+
+class _Counting(Flaky):
+    """Counters kept in memory; ``after_write`` runs once a batch is committed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.totals: dict[CounterKey, int] = {}
+        self.after_write: list[Any] = []
+
+    def write(self, rows: Sequence[Row], counters: Mapping[CounterKey, int]) -> None:
+        super().write(rows, counters)
+        for key, amount in counters.items():
+            self.totals[key] = self.totals.get(key, 0) + amount
+        while self.after_write:
+            self.after_write.pop()()
+
+    def counters(self, starts: Mapping[Period, float]) -> Totals:
+        wanted = {(p.value, start): p for p, start in starts.items()}
+        return {
+            (scope, name, wanted[(period, start)]): amount
+            for (scope, name, period, start), amount in self.totals.items()
+            if (period, start) in wanted
+        }
+
+
+def test_a_budgets_reload_just_after_a_write_counts_the_written_spend_once(
+    tmp_path: Path,
+) -> None:
+    # The reload thread reads the counters after the writer committed a batch but before
+    # it took that batch off what is still pending: it must not add the batch twice.
+    db = _Counting()
+    s = spend(tmp_path)
+    service = SpendService(s, db, clock=lambda: NOW)
+    service.records([rec(rid="1")])  # $2.25
+
+    reload = threading.Thread(target=service.reconfigure, args=(replace(s, soft_percent=50),))
+
+    def reload_now() -> None:
+        reload.start()
+        reload.join(timeout=1)  # a fixed reload waits for the flush to finish
+
+    db.after_write.append(reload_now)
+    assert service.flush() == 1
+    reload.join(30)
+    assert service.spend.soft_percent == 50
+    service.records([rec(rid="2")])
+    service.flush()
+    assert service.budgets.spent("client", "alice")[0] == nano(Decimal("4.5"))
