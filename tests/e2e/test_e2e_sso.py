@@ -3,16 +3,18 @@
 ``oidc-provider`` (npm, pinned) issues real RS256 access tokens by the
 client-credentials grant; Envoy's ``jwt_authn`` checks them against the keys it
 found through the provider's discovery document. A person's email names the
-client in the access log; wrong-audience, expired and tampered tokens get 401 in
-the provider's shape; gateway keys and own credentials keep working beside
-tokens; no token reaches the upstream or a log.
+client in the access log; wrong-audience, wrong-issuer, expired, not-yet-valid and
+tampered tokens get 401 in the provider's shape; gateway keys and own credentials
+keep working beside tokens; no token reaches the upstream or a log.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,24 +117,46 @@ def test_a_persons_token_names_them_and_never_goes_upstream(
 
 
 def test_refused_tokens_get_401_in_the_providers_shape(
-    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider
+    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider, tmp_path: Path
+) -> None:
+    (tmp_path / "other").mkdir()
+    other = OpenIdProvider(tmp_path / "other", PEOPLE).start()  # another issuer, another key
+    try:
+        _check_refusals(gateway, upstream, provider, other)
+    finally:
+        other.stop()
+
+
+def _check_refusals(
+    gateway: Gateway, upstream: RecordingUpstream, provider: OpenIdProvider, other: OpenIdProvider
 ) -> None:
     good = provider.token("alice-cli", AUDIENCE)
     head, payload, signature = good.split(".")
     tampered = ".".join(
         (head, payload, signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB"))
     )
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    as_bob = json.dumps({**claims, "email": "bob@example.com"}).encode()
+    impostor = ".".join((head, base64.urlsafe_b64encode(as_bob).rstrip(b"=").decode(), signature))
     other_audience = provider.token("alice-cli", "https://another.test")
     short = provider.token("bob-cli", AUDIENCE)  # lives 2 s
     two_parts = f"{head}.{payload}"  # not shaped like a JWT: the processor refuses it
-    for token in (tampered, other_audience, two_parts):
+    now = int(time.time())
+    person = {"iss": provider.issuer, "aud": AUDIENCE, "email": "alice@example.com"}
+    not_yet = provider.forge({**person, "iat": now, "nbf": now + 600, "exp": now + 1200})
+    assert _send(gateway, [("x-api-key", provider.forge({**person, "exp": now + 600}))])[0] == 200
+    other_issuer = other.token("alice-cli", AUDIENCE)
+    for token in (tampered, impostor, other_audience, two_parts, not_yet, other_issuer):
         status, body = _send(gateway, [("x-api-key", token)])
         assert status == 401, token[:10]
         assert body["type"] == "error"
         assert body["error"]["type"] == "authentication_error"  # type: ignore[index]
     poll(lambda: _send(gateway, [("x-api-key", short)])[0] == 401, "refusing an expired token")
     assert upstream.requests == [] or all(
-        not leaks([tampered, other_audience, two_parts, short], _blob(r)) for r in upstream.requests
+        not leaks(
+            [tampered, impostor, other_audience, two_parts, not_yet, other_issuer, short], _blob(r)
+        )
+        for r in upstream.requests
     )
 
 

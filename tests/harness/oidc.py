@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from base64 import b64encode
+from base64 import b64encode, urlsafe_b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,23 @@ class OpenIdProvider:
         path = self.folder / "oidc.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
+    def forge(self, claims: dict[str, Any]) -> str:
+        """A JWT with ``claims`` signed by the provider's own current key (RS256, its kid):
+        for claims the provider never issues, such as a ``nbf`` in the future."""
+        jwk = json.loads(self.keys_file.read_text())["keys"][0]
+        header = {"alg": "RS256", "typ": "at+jwt", "kid": jwk["kid"]}
+        signed = ".".join(_b64(json.dumps(part).encode()) for part in (header, claims))
+        script = (
+            "const c = require('node:crypto'); const [jwk, data] = process.argv.slice(1);"
+            "const key = c.createPrivateKey({key: JSON.parse(jwk), format: 'jwk'});"
+            "process.stdout.write(c.sign('sha256', Buffer.from(data), key).toString('base64url'));"
+        )
+        done = subprocess.run(
+            [NODE, "-e", script, json.dumps(jwk), signed],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        return f"{signed}.{done.stdout}"
+
     def token(self, client_id: str, resource: str) -> str:
         """A real access token by the client-credentials grant."""
         basic = b64encode(f"{client_id}:{self.secret_of(client_id)}".encode()).decode()
@@ -117,3 +134,7 @@ class OpenIdProvider:
         )
         with urllib.request.urlopen(request, timeout=10) as reply:
             return str(json.loads(reply.read())["access_token"])
+
+
+def _b64(data: bytes) -> str:
+    return urlsafe_b64encode(data).rstrip(b"=").decode()
