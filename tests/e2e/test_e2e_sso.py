@@ -268,3 +268,27 @@ def test_a_rotated_signing_key_is_picked_up_without_a_restart(
     poll(lambda: _send(gateway, [("x-api-key", new)])[0] == 200, "accepting the new key", 40)
     poll(lambda: _send(gateway, [("x-api-key", old)])[0] == 401, "refusing the retired key", 40)
     assert gateway.envoy_process is not None and gateway.envoy_process.poll() is None  # same Envoy
+
+
+def test_sso_turned_on_and_off_by_a_live_reload(
+    start_gateway: Callable[..., Gateway],
+    upstream: RecordingUpstream,
+    provider: OpenIdProvider,
+    tmp_path: Path,
+) -> None:
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"ci-bot sha256:{key_digest(GATEWAY_KEY)}\n")
+    top: dict[str, Any] = {"access": {"keys_file": str(keys_file)}}
+    gateway = start_gateway(
+        [credential_route("sso", upstream.url())], env={"SSO_KEY": SERVER_KEY}, top=top
+    )
+    token = provider.token("alice-cli", AUDIENCE)
+    refused = provider.token("alice-cli", "https://another.test")
+    gateway.reconfigure(top={**top, "sso": {"issuer": provider.issuer, "audiences": [AUDIENCE]}})
+    poll(lambda: _send(gateway, [("x-api-key", refused)])[0] == 401, "checking tokens")
+    upstream.clear()
+    assert _send(gateway, [("x-api-key", token)])[0] == 200
+    assert upstream.only_request().values("x-api-key") == [SERVER_KEY.encode()]
+    gateway.reconfigure(top=top)  # off again: a token is just someone's own credential
+    poll(lambda: _send(gateway, [("x-api-key", refused)])[0] == 200, "no longer checking")
+    assert gateway.envoy_process is not None and gateway.envoy_process.poll() is None
