@@ -14,6 +14,7 @@ at once); its others meanwhile get 429 ``syncing`` with retry-after 1 s.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -34,6 +35,11 @@ class Limiter:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._clock = clock
+        # Checking the minute's count and adding to it are one step: server: grpcio decides
+        # on a pool of threads, and two requests must not both take a client's last one.
+        # (In flight is counted later, by the caller: ``concurrent`` can still pass by
+        # the requests decided at the same moment.)
+        self._admitting = threading.Lock()
 
     def admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
         """None to go on (and the request is counted), or why not.
@@ -41,6 +47,10 @@ class Limiter:
         A count the shared store has not read yet (the client's first request
         through this replica) reads as 0, and the client gets one request until it is read.
         """
+        with self._admitting:
+            return self._admit(client, limit, on_store_error)
+
+    def _admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
         store = self.store
         if not store.healthy and on_store_error is StoreFailure.CLOSED:
             message = "Limits cannot be checked right now; retry shortly."

@@ -7,6 +7,7 @@ injected clock, so every window edge and retry-after is exact.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -734,3 +735,38 @@ def test_with_a_real_limiter_the_second_request_of_the_minute_is_refused(
     assert parsed["error"]["message"] == "Client 'alice' reached its 1 requests per minute."
     free = headers_request(names["anthropic"], [("x-api-key", b"gk-free")])
     assert [process(policy, free, lim).outcome for _ in range(3)] == [Outcome.INJECTED] * 3
+
+
+class _SlowRead(MemoryStore):
+    """A store whose first read, once done, waits (up to a second) for a second reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = threading.Event(), threading.Event()
+
+    def get(self, series: str, seconds: int, index: int) -> int:
+        count = super().get(series, seconds, index)
+        if not self.first.is_set():
+            self.first.set()
+            self.second.wait(timeout=1)  # a fixed limiter: the second waits for this one
+        else:
+            self.second.set()
+        return count
+
+
+def test_two_threads_admitting_at_once_never_pass_requests_per_minute() -> None:
+    # server: grpcio decides on a pool of threads: a check and its count are one step.
+    limiter = Limiter(_SlowRead())
+    limit = Limit(requests_per_minute=1)
+    answers: list[Refusal | None] = []
+
+    def admit() -> None:
+        answers.append(limiter.admit("alice", limit, StoreFailure.OPEN))
+
+    threads = [threading.Thread(target=admit) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 2
+    assert [a is None for a in answers].count(True) == 1
