@@ -20,6 +20,7 @@ from typing import Any
 
 from extproc.config.load import load_config
 from extproc.config.spend import Period
+from extproc.policy.secrets import SecretError
 from extproc.spend.database import DatabaseError
 from extproc.spend.periods import Calendar
 from extproc.spend.report import GROUPS, client_budgets, totals
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                 rows = [dataclasses.asdict(t) for t in totals(db, start, end, args.by)]
         finally:
             db.close()
-    except (DatabaseError, ValueError) as exc:
+    except (DatabaseError, SecretError, ValueError) as exc:
         print(f"spend: {exc}", file=sys.stderr)
         return 2
     _print(rows, args.format)

@@ -120,3 +120,15 @@ def test_status_names_the_price_table(config: Path) -> None:
     lines = _processor_lines({"prices": table_version(()), "store": "memory"})
     assert lines[-1] == "  spend prices genai-prices 0.2.3"
     assert not any("spend" in line for line in _processor_lines({"store": "memory"}))
+
+
+def test_an_unset_database_password_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPEND_DB_PASSWORD", raising=False)
+    path = tmp_path / "gateway.yaml"
+    shared = "  store: postgresql://gateway@127.0.0.1:9/spend\n"
+    shared += "  password: {env: SPEND_DB_PASSWORD}\n"
+    path.write_text(CONFIG.split("  timezone:", maxsplit=1)[0] + shared)
+    assert main(["spend", str(path)]) == 2
+    assert capsys.readouterr().err == "spend: environment variable SPEND_DB_PASSWORD is not set\n"
