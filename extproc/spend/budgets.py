@@ -167,6 +167,20 @@ class Budgets:
                     account.spent[PERIODS.index(period)] = amount
                     self._check_soft(account, PERIODS.index(period))
 
+    def totals(self) -> dict[tuple[str, str, Period], int]:
+        """Spent in the current periods of every account (what a reload carries over)."""
+        with self._lock:
+            now = self._clock()
+            if now >= self._next:
+                self._roll(now)
+            accounts = (self._org, *self._teams.values(), *self._clients.values())
+            return {
+                (a.scope, a.name, period): a.spent[i]
+                for a in accounts
+                for i, period in enumerate(PERIODS)
+                if a.spent[i]
+            }
+
     def state(
         self, client: str, teams: tuple[str, ...] | None = None
     ) -> list[tuple[Account, int, Period, int]]:

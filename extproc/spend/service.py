@@ -155,6 +155,7 @@ class SpendService:
             self.prices = PriceBook(spend.prices, sink.unknown_price if sink else None)
         self.spend = spend
         self._refuse_when_down = spend.on_store_error is StoreFailure.CLOSED
+        budgets.load(self.budgets.totals())  # what is known now, kept if the read fails
         self.refresh(budgets)  # spent loaded before it serves: admit never sees it empty
         self.budgets = budgets  # one reference swap: admit uses the old or the new, whole
         if sink is not None:

@@ -374,3 +374,17 @@ def test_a_budgets_reload_just_after_a_write_counts_the_written_spend_once(
     service.records([rec(rid="2")])
     service.flush()
     assert service.budgets.spent("client", "alice")[0] == nano(Decimal("4.5"))
+
+
+def test_a_budgets_reload_while_the_database_is_down_keeps_the_spend_it_knows(
+    tmp_path: Path,
+) -> None:
+    db = Flaky()
+    s = spend(tmp_path)
+    service = SpendService(s, db, clock=lambda: NOW)
+    service.records([rec(rid="1"), rec(rid="2"), rec(rid="3")])  # $6.75 of alice's $5
+    assert service.flush() == 3
+    db.down = True  # the counters cannot be read for the new budgets
+    service.reconfigure(replace(s, clients=(("alice", Budget(day=Decimal(6))),)))
+    refusal = service.admit("alice")
+    assert refusal is not None and "$6.75 spent of $6.00" in refusal.message
