@@ -38,13 +38,13 @@ spend-deps: ## install Debian's postgresql and prometheus (apt-get) if they are 
 		(apt-get update -qq && apt-get install -y -qq postgresql prometheus)
 
 run: $(STAMP) ## run the gateway (ext_proc + Envoy) with CONFIG (default: the example)
-	$(BIN)/python -m extproc up $(CONFIG)
+	$(BIN)/gateway up $(CONFIG)
 
 validate: $(STAMP) ## check CONFIG and its secrets
-	$(BIN)/python -m extproc validate $(CONFIG)
+	$(BIN)/gateway validate $(CONFIG)
 
 render: $(STAMP) ## print the Envoy bootstrap for CONFIG
-	$(BIN)/python -m extproc render $(CONFIG)
+	$(BIN)/gateway render $(CONFIG)
 
 test: $(STAMP) $(NODE_STAMP) redis spend-deps ## run the whole test suite (real Envoy, gRPC, TLS, Redis; free ports)
 	$(BIN)/python -m pytest -n 2 -q
@@ -65,10 +65,13 @@ bench-scale: $(STAMP) ## how costs grow with gateway clients (10 … 100,000) an
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py --scale --duration 5
 
+docs: $(STAMP) ## regenerate docs/configuration.md from the config model (a test checks it)
+	$(BIN)/python -m extproc.reference
+
 golden: $(STAMP) ## regenerate the rendered Envoy configs under envoy/ after a deliberate change
 	UPDATE_GOLDEN=1 $(BIN)/python -m pytest tests/unit/test_golden.py -q
 
-.PHONY: help install clients redis spend-deps run validate render test lint bench bench-scale golden
+.PHONY: help install clients redis spend-deps run validate render test lint bench bench-scale docs golden
 
 compose-up: ## build the image and start the compose stack; keys from $ANTHROPIC_API_KEY, $OPENAI_API_KEY
 	ANTHROPIC_API_KEY="$${ANTHROPIC_API_KEY-}" OPENAI_API_KEY="$${OPENAI_API_KEY-}" \
