@@ -249,6 +249,11 @@ def test_a_teams_model_allowlist_is_enforced_in_envoy(
     assert _send(gateway, [("x-api-key", GATEWAY_KEY)], _ask("claude-opus-4-1"))[0] == 200
 
 
+def _jwks_fetches(gateway: Gateway) -> str:
+    """Envoy's log lines about fetching the provider's keys in the background."""
+    return "\n".join(line for line in gateway.logs().splitlines() if "Jwks async fetching" in line)
+
+
 def test_a_rotated_signing_key_is_picked_up_without_a_restart(
     start_gateway: Callable[..., Gateway],
     upstream: RecordingUpstream,
@@ -260,7 +265,8 @@ def test_a_rotated_signing_key_is_picked_up_without_a_restart(
     )
     old = provider.token("alice-cli", AUDIENCE)
     assert _send(gateway, [("x-api-key", old)])[0] == 200
-    provider.stop()  # the provider down: the keys Envoy holds keep working
+    provider.stop()  # the provider down: the keys Envoy holds keep working, past cache_s too
+    poll(lambda: "failed" in _jwks_fetches(gateway), "a failed refetch of the keys", 40)
     assert _send(gateway, [("x-api-key", old)])[0] == 200
     provider.rotate()  # a new signing key; the old one is no longer published
     new = provider.token("alice-cli", AUDIENCE)
