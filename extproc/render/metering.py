@@ -39,96 +39,111 @@ _BUFFER_BYTES = 65536  # Envoy's batch for one stream: flushed when full, or eve
 
 # The scanner. Carry: at most one unfinished SSE line (MAX_LINE); a longer line is skipped
 # (usage events are small). Capture: the usage object only (MAX_CAPTURE). Strings are kept
-# only at the depth being read, and only while short (MAX_STRING): keys and the model.
+# only at the depth being read, and only while short (MAX_STRING, split by a chunk boundary
+# or not): keys and the model. Cost (bench/README): the reader keeps its state in locals while
+# a chunk is read, and each event's or body's counts are written with one metadata fetch.
 LUA_SCRIPT = r"""
 local NS = "credential_gateway.usage"
 local MAX_LINE, MAX_CAPTURE, MAX_STRING = 65536, 8192, 256
 local find, sub, byte, match = string.find, string.sub, string.byte, string.match
-local concat = table.concat
+local concat, tonumber = table.concat, tonumber
 
-local function put(handle, key, value)
-  -- Fetched again for every write: objects taken before a yield of bodyChunks go stale.
-  handle:streamInfo():dynamicMetadata():set(NS, key, value)
-end
-
-local function count(u, key)
-  local v = match(u, '"' .. key .. '"%s*:%s*(%d+)')
-  return v and tonumber(v)
-end
-
-local function report(handle, state, u)
-  local prompt = count(u, "prompt_tokens")
-  if prompt then -- OpenAI: cached tokens are part of the prompt
-    local cached = count(u, "cached_tokens")
-    if cached and cached > prompt then cached = prompt end
-    put(handle, "input", prompt - (cached or 0))
-    if cached then put(handle, "cache_read", cached) end
-    local out = count(u, "completion_tokens")
-    if out then put(handle, "output", out) end
-    return
+-- `"key"` then `:` and digits, anchored where the key ends: a plain find first (cheap when
+-- the key is absent), the pattern only there.
+local function count(u, quoted)
+  local at = 1
+  while true do
+    local _, e = find(u, quoted, at, true)
+    if not e then return nil end
+    local v = match(u, "^%s*:%s*(%d+)", e + 1)
+    if v then return tonumber(v) end
+    at = e + 1
   end
-  local v = count(u, "input_tokens")
-  if v then put(handle, "input", v) end
-  v = count(u, "output_tokens")
-  if v then put(handle, "output", v) end
-  v = count(u, "cache_read_input_tokens")
-  if v then put(handle, "cache_read", v) end
-  local m5, h1 = count(u, "ephemeral_5m_input_tokens"), count(u, "ephemeral_1h_input_tokens")
-  if m5 or h1 then
-    state.split = true
-    put(handle, "cache_5m", m5 or 0)
-    put(handle, "cache_1h", h1 or 0)
-  elseif not state.split then -- no split reported: the default cache lifetime, 5 minutes
-    v = count(u, "cache_creation_input_tokens")
-    if v then put(handle, "cache_5m", v) end
+end
+
+-- Everything one event or body reported, written at once: no yield happens inside one chunk's
+-- work, so the metadata object fetched here is valid for all of its writes (fetched again for
+-- every event: objects taken before a yield of bodyChunks go stale).
+local function report(handle, state, u, model, partial)
+  local meta = handle:streamInfo():dynamicMetadata()
+  if model then meta:set(NS, "model", model) end
+  if u then
+    local prompt = count(u, '"prompt_tokens"')
+    if prompt then -- OpenAI: cached tokens are part of the prompt
+      local cached = count(u, '"cached_tokens"')
+      if cached and cached > prompt then cached = prompt end
+      meta:set(NS, "input", prompt - (cached or 0))
+      if cached then meta:set(NS, "cache_read", cached) end
+      local out = count(u, '"completion_tokens"')
+      if out then meta:set(NS, "output", out) end
+    else
+      local v = count(u, '"input_tokens"')
+      if v then meta:set(NS, "input", v) end
+      v = count(u, '"output_tokens"')
+      if v then meta:set(NS, "output", v) end
+      v = count(u, '"cache_read_input_tokens"')
+      if v then meta:set(NS, "cache_read", v) end
+      local m5 = count(u, '"ephemeral_5m_input_tokens"')
+      local h1 = count(u, '"ephemeral_1h_input_tokens"')
+      if m5 or h1 then
+        state.split = true
+        meta:set(NS, "cache_5m", m5 or 0)
+        meta:set(NS, "cache_1h", h1 or 0)
+      elseif not state.split then -- no split reported: the default cache lifetime, 5 minutes
+        v = count(u, '"cache_creation_input_tokens"')
+        if v then meta:set(NS, "cache_5m", v) end
+      end
+    end
+    if partial ~= nil then meta:set(NS, "partial", partial) end
   end
 end
 
 -- A JSON reader fed in pieces: finds "usage" (an object) and "model" (a string) as keys
--- of the objects at depth `level`, never inside strings or deeper values.
+-- of the objects at depth `level`, never inside strings or deeper values. Its state lives in
+-- locals while a piece is read; only what spans pieces is kept in the table.
 local function reader(level)
-  return {level = level, depth = 0, instr = false, esc = false, str = nil, size = 0,
-          key = nil, value = false, cap = nil, from = 1, capsize = 0}
-end
-
-local function on_string(j, text)
-  if j.value then
-    if j.key == "model" then j.model = text end
-    j.value = false
-  else
-    j.key = text
-  end
+  return {level = level, depth = 0, instr = false, esc = false, keep = false, parts = nil,
+          size = 0, key = false, value = false, cap = nil, capsize = 0, capdepth = 0}
 end
 
 local function scan(j, s)
-  local pos, n = 1, #s
-  j.from = 1
+  local n, level = #s, j.level
+  local depth, instr, esc, keep, key, value = j.depth, j.instr, j.esc, j.keep, j.key, j.value
+  local cap, model = j.cap, nil
+  local pos, start, from = 1, 1, 1 -- start: a kept string's text in this piece; from: capture's
   while pos <= n do
-    if j.instr then
-      if j.esc then
-        j.esc = false
-        if j.str then j.str[#j.str + 1] = sub(s, pos, pos) end
+    if instr then
+      if esc then
+        esc = false
         pos = pos + 1
       else
         local i = find(s, '["\\]', pos)
         if not i then
-          if j.str then
-            j.size = j.size + n - pos + 1
-            if j.size > MAX_STRING then j.str = nil else j.str[#j.str + 1] = sub(s, pos) end
-          end
           pos = n + 1
         elseif byte(s, i) == 92 then
-          if j.str then j.str[#j.str + 1] = sub(s, pos, i + 1) end
-          if i == n then j.esc = true end
+          if i == n then esc = true end
           pos = i + 2
         else
-          j.instr = false
-          if j.str then
-            j.str[#j.str + 1] = sub(s, pos, i - 1)
-            on_string(j, concat(j.str))
-            j.str = nil
-          elseif j.depth == j.level then
-            j.value = false
+          instr = false
+          if depth == level then
+            local text = nil
+            if keep then
+              local size = j.size + i - start
+              if size <= MAX_STRING then
+                text = sub(s, start, i - 1)
+                if j.parts then
+                  j.parts[#j.parts + 1] = text
+                  text = concat(j.parts)
+                end
+              end
+              j.parts = nil
+            end
+            if value then
+              if key == "model" and text then model = text end
+              value = false
+            elseif text then
+              key = text
+            end
           end
           pos = i + 1
         end
@@ -138,39 +153,51 @@ local function scan(j, s)
       if not i then break end
       local c = byte(s, i)
       if c == 34 then
-        j.instr = true
-        if j.depth == j.level then j.str, j.size = {}, 0 end
+        instr = true
+        if depth == level then keep, start, j.size, j.parts = true, i + 1, 0, nil end
       elseif c == 123 or c == 91 then
-        if c == 123 and j.depth == j.level and j.value and j.key == "usage" and not j.done then
-          j.cap, j.from, j.capsize, j.capdepth = {}, i, 0, j.depth
+        if depth == level then
+          if c == 123 and value and key == "usage" and not j.done then
+            cap, from, j.capsize, j.capdepth = {}, i, 0, depth
+          end
+          value = false
         end
-        if j.depth == j.level then j.value = false end
-        j.depth = j.depth + 1
-        if j.depth == j.level then j.key, j.value = nil, false end
+        depth = depth + 1
+        if depth == level then key, value = false, false end
       elseif c == 125 or c == 93 then
-        j.depth = j.depth - 1
-        if j.cap and j.depth == j.capdepth then
-          j.cap[#j.cap + 1] = sub(s, j.from, i)
-          j.usage, j.cap, j.done = concat(j.cap), nil, true
+        depth = depth - 1
+        if cap and depth == j.capdepth then
+          cap[#cap + 1] = sub(s, from, i)
+          j.usage, cap, j.done = concat(cap), nil, true
         end
-      elseif j.depth == j.level then
-        if c == 58 then j.value = true else j.key, j.value = nil, false end
+      elseif depth == level then
+        if c == 58 then value = true else key, value = false, false end
       end
       pos = i + 1
     end
   end
-  if j.cap then
-    j.capsize = j.capsize + n - j.from + 1
-    if j.capsize > MAX_CAPTURE then j.cap = nil else j.cap[#j.cap + 1] = sub(s, j.from) end
+  if instr and keep then -- a string at the depth read goes on in the next piece
+    j.size = j.size + n - start + 1
+    if j.size > MAX_STRING then
+      keep, j.parts = false, nil
+    else
+      local parts = j.parts or {}
+      parts[#parts + 1] = sub(s, start)
+      j.parts = parts
+    end
   end
+  if cap then
+    j.capsize = j.capsize + n - from + 1
+    if j.capsize > MAX_CAPTURE then cap = nil else cap[#cap + 1] = sub(s, from) end
+  end
+  j.depth, j.instr, j.esc, j.keep, j.key, j.value, j.cap = depth, instr, esc, keep, key, value, cap
+  if model then j.model = model end
 end
 
-local function event_data(handle, state, line, level)
+local function event_data(handle, state, line, level, partial)
   local j = reader(level)
   scan(j, line)
-  if j.model then put(handle, "model", j.model) end
-  if j.usage then report(handle, state, j.usage) end
-  return j.usage ~= nil
+  if j.model or j.usage then report(handle, state, j.usage, j.model, partial) end
 end
 
 local function on_line(handle, state, buf, a, b)
@@ -182,16 +209,16 @@ local function on_line(handle, state, buf, a, b)
   elseif c == 100 and sub(buf, a, a + 4) == "data:" then
     local event = state.event
     if event == "message_start" then
-      if event_data(handle, state, sub(buf, a + 5, b), 2) then put(handle, "partial", true) end
+      event_data(handle, state, sub(buf, a + 5, b), 2, true)
     elseif event == "message_delta" then
-      if event_data(handle, state, sub(buf, a + 5, b), 1) then put(handle, "partial", false) end
+      event_data(handle, state, sub(buf, a + 5, b), 1, false)
     elseif event == nil then -- OpenAI: no event names; a usage object only in the last
       local u = state.next_usage
       if u < a then
         u = find(buf, '"usage"%s*:%s*{', a) or (#buf + 1)
         state.next_usage = u
       end
-      if u <= b then event_data(handle, state, sub(buf, a + 5, b), 1) end
+      if u <= b then event_data(handle, state, sub(buf, a + 5, b), 1, nil) end
     end
   end
 end
@@ -218,10 +245,7 @@ local function json(handle, state, chunk)
   local j = state.json
   if j.done then return end
   scan(j, chunk)
-  if j.usage then
-    if j.model then put(handle, "model", j.model) end
-    report(handle, state, j.usage)
-  end
+  if j.usage then report(handle, state, j.usage, j.model, nil) end
 end
 
 local function start(handle)
@@ -234,8 +258,12 @@ local function start(handle)
   return nil
 end
 
+local function feed(handle, state, chunk)
+  state.feed(handle, state, chunk:getBytes(0, chunk:length()))
+end
+
 local function failed(handle)
-  pcall(put, handle, "error", true)
+  pcall(function() handle:streamInfo():dynamicMetadata():set(NS, "error", true) end)
 end
 
 function envoy_on_response(handle)
@@ -243,8 +271,7 @@ function envoy_on_response(handle)
   if not ok then failed(handle) return end
   if state == nil then return end
   for chunk in handle:bodyChunks() do
-    local fed = pcall(function() state.feed(handle, state, chunk:getBytes(0, chunk:length())) end)
-    if not fed then failed(handle) return end
+    if not pcall(feed, handle, state, chunk) then failed(handle) return end
   end
 end
 """

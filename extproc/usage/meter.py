@@ -100,12 +100,13 @@ class Meter:
                 log.exception("a usage sink failed on a batch of %d records", len(found))
 
     def _limits(self, policy: Policy, one: UsageRecord) -> None:
-        charges = self._charges
-        if charges is None or not one.charged or not one.client:
+        """The end of a request in flight and its tokens (``in_flight_counted``'s rule, with the
+        client's limit looked up once)."""
+        charges, limits = self._charges, policy.limits
+        if charges is None or limits is None or not one.charged or not one.client:
             return
-        if in_flight_counted(policy, one.client):
+        limit = limits.for_client(one.client)
+        if limit.concurrent is not None:
             charges.finished(one.client)
-        if policy.limits is not None:
-            limit = policy.limits.for_client(one.client)
-            if limit.tokens is not None:
-                charges.charge(one.client, limit, one.total_tokens)
+        if limit.tokens is not None:
+            charges.charge(one.client, limit, one.total_tokens)
