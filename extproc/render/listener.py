@@ -100,8 +100,8 @@ def connection_manager(config: GatewayConfig, rds_source: Json | None = None) ->
     listener = config.listener
     # The decision filter is always there: any route may have a gateway key to check.
     people = jwt.http_filter(config)  # people's JWTs, checked before the processor decides
-    filters = [*([people] if people else []), *models.http_filters(config)]
-    filters.append(extproc_filter.http_filter(config))
+    filters = [*([people] if people else []), extproc_filter.http_filter(config)]
+    filters += models.http_filters(config)  # after the decision: it names the client's teams
     if config.metering:  # on the response path, next to the router: counts what it sends
         filters.append(metering.lua_filter())
     filters.append(

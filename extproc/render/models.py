@@ -1,18 +1,20 @@
-"""Which models a person's teams may use, enforced by Envoy from the request body.
+"""Which models a client's teams may use, enforced by Envoy from the request body.
 
-Only with ``sso.models``. Envoy's ``json_to_metadata`` filter reads the top-level
-``model`` of a JSON request body into dynamic metadata (a real JSON parse: a
-``"model"`` inside a message cannot stand in for it), then an RBAC filter
-allows the request when the person is in no team with an allowlist, or one of
-their teams with an allowlist names the model. Anything else is a 403 in the
-route's provider shape naming the model. Python never reads a body.
+Only with ``sso.models``. After the processor has named the client and its
+teams (a gateway key's from the keys file, a person's from the groups claim)
+in dynamic metadata, Envoy's ``json_to_metadata`` filter reads the top-level
+``model`` of a JSON request body (a real JSON parse: a ``"model"`` inside a
+message cannot stand in for it), then an RBAC filter allows the request when
+the client is in no team with an allowlist, or one of its teams with an
+allowlist names the model. Anything else is a 403 in the route's provider
+shape naming the model. Python never reads a body. Requests Envoy passes
+without asking the processor (a client's own credential on the fast path)
+carry no teams, so no allowlist applies to them.
 
-The cost: each JSON request body is buffered in Envoy before the decision is
-asked for (up to ``BODY_LIMIT_BYTES`` per request, memory held while it
-arrives), and parsed once. A body over the limit is not read: a person with
-an allowlist is then refused (no model known), everyone else goes on.
-Gateway-key clients carry their teams in the processor only, so allowlists
-apply to people from the SSO.
+The cost: each JSON request body is buffered in Envoy before it goes upstream
+(up to ``BODY_LIMIT_BYTES`` per request, memory held while it arrives), and
+parsed once. A body that is not JSON (or not labelled so) has no model: a
+client with an allowlist is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from extproc.config import errors
 from extproc.config.errors import ErrorKind
 from extproc.config.identity import Sso
-from extproc.config.model import ErrorStyle, GatewayConfig
+from extproc.config.model import METADATA_NAMESPACE, ErrorStyle, GatewayConfig
 from extproc.render import jwt
 from extproc.render import local_replies as local_reply
 from extproc.render.common import Json, typed
@@ -37,11 +39,12 @@ _MESSAGE = (
 
 
 def http_filters(config: GatewayConfig) -> list[Json]:
-    """The body reader and the check, or nothing without model allowlists."""
+    """The body reader and the check (placed after the processor), or nothing without
+    model allowlists."""
     sso = config.sso
     if sso is None or not sso.models:
         return []
-    return [_json_to_metadata(), _rbac(sso, jwt.slots(config))]
+    return [_json_to_metadata(), _rbac(sso)]
 
 
 def _json_to_metadata() -> Json:
@@ -58,23 +61,17 @@ def _json_to_metadata() -> Json:
     }
 
 
-def _in_team(sso: Sso, slots: tuple[str, ...], team: str) -> Json:
-    """The person's groups claim (in any slot's payload) holds ``team``."""
-    ids = []
-    for slot in slots:
-        path = [{"key": slot}, {"key": sso.groups_claim}]
-        for value in (
-            {"list_match": {"one_of": {"string_match": {"exact": team}}}},
-            {"string_match": {"exact": team}},
-        ):
-            ids.append({"metadata": {"filter": jwt.NAMESPACE, "path": path, "value": value}})
-    return {"or_ids": {"ids": ids}}
+def _in_team(team: str) -> Json:
+    """The processor named ``team`` among the client's teams."""
+    value = {"list_match": {"one_of": {"string_match": {"exact": team}}}}
+    path = [{"key": "teams"}]
+    return {"metadata": {"filter": METADATA_NAMESPACE, "path": path, "value": value}}
 
 
-def _rbac(sso: Sso, slots: tuple[str, ...]) -> Json:
-    listed = [_in_team(sso, slots, team) for team, _ in sso.models]
+def _rbac(sso: Sso) -> Json:
+    listed = [_in_team(team) for team, _ in sso.models]
     policies: Json = {
-        # People in no team with an allowlist, and everyone who is not a person from the SSO.
+        # Clients in no team with an allowlist (and requests the processor named no one for).
         "unrestricted": {
             "permissions": [{"any": True}],
             "principals": [{"not_id": {"or_ids": {"ids": listed}}}],

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow  # starts real Envoy, processor and OpenID provide
 SERVER_KEY = "sk-ant-api03-server-key-sso"
 AUDIENCE = "https://gateway.test"
 GATEWAY_KEY = "gk-ci-bot-0123456789abcdef0123456789abcdef"
+INTERN_KEY = "gk-intern-bot-0123456789abcdef0123456789abcd"
 OAUTH = "sk-ant-oat01-subscription-token-of-carol"
 PEOPLE = [
     Person("alice-cli", "alice@example.com", ("ml", "platform")),
@@ -65,7 +66,10 @@ def gateway(
     tmp_path: Path,
 ) -> Gateway:
     keys_file = tmp_path / "keys.txt"
-    keys_file.write_text(f"ci-bot sha256:{key_digest(GATEWAY_KEY)} teams=ci\n")
+    keys_file.write_text(
+        f"ci-bot sha256:{key_digest(GATEWAY_KEY)} teams=ci\n"
+        f"intern-bot sha256:{key_digest(INTERN_KEY)} teams=interns\n"
+    )
     sso = {
         "issuer": provider.issuer,
         "audiences": [AUDIENCE],
@@ -243,10 +247,16 @@ def test_a_teams_model_allowlist_is_enforced_in_envoy(
     plain = [("content-type", "text/plain"), *intern]  # no JSON: no model known
     assert _send(gateway, plain, json.dumps(_ask(HAIKU)).encode())[0] == 403
     assert len(upstream.requests) == 2
-    # Teams without an allowlist, and gateway keys, use any model.
+    upstream.clear()
+    # A gateway key's teams (from the keys file) have the same allowlists.
+    bot = [("x-api-key", INTERN_KEY)]
+    assert _send(gateway, bot, _ask("claude-opus-4-1"))[0] == 403
+    assert _send(gateway, bot, _ask(HAIKU))[0] == 200
+    # Teams without an allowlist use any model; so does a client's own key (it pays).
     alice = [("x-api-key", provider.token("alice-cli", AUDIENCE))]
     assert _send(gateway, alice, _ask("claude-opus-4-1"))[0] == 200
     assert _send(gateway, [("x-api-key", GATEWAY_KEY)], _ask("claude-opus-4-1"))[0] == 200
+    assert _send(gateway, [("x-api-key", "sk-ant-api03-own")], _ask("claude-opus-4-1"))[0] == 200
 
 
 def _jwks_fetches(gateway: Gateway) -> str:

@@ -211,7 +211,9 @@ def test_a_cached_token_is_renewed_before_it_expires(tmp_path: Path) -> None:
     assert cached(cache, 1000.0) is None
 
 
-def test_model_allowlists_read_the_body_in_envoy_before_the_processor(tmp_path: Path) -> None:
+def test_model_allowlists_read_the_body_in_envoy_after_the_processor_names_teams(
+    tmp_path: Path,
+) -> None:
     text = BASE + (
         f"sso: {{issuer: https://login.example.com, audiences: [gw], jwks_uri: {JWKS},\n"
         "      models: {interns: [claude-haiku-4-5]}}\n"
@@ -219,10 +221,10 @@ def test_model_allowlists_read_the_body_in_envoy_before_the_processor(tmp_path: 
     bootstrap = render_bootstrap(load_config(write(tmp_path, text)))
     names = [f["name"] for f in _filters(bootstrap)][:4]
     assert names == [
-        jwt.FILTER, "envoy.filters.http.json_to_metadata", "envoy.filters.http.rbac",
-        "envoy.filters.http.ext_proc",
+        jwt.FILTER, "envoy.filters.http.ext_proc", "envoy.filters.http.json_to_metadata",
+        "envoy.filters.http.rbac",
     ]  # fmt: skip
-    rbac = _filters(bootstrap)[2]["typed_config"]["rules"]
+    rbac = _filters(bootstrap)[3]["typed_config"]["rules"]
     assert rbac["action"] == "ALLOW" and sorted(rbac["policies"]) == [
         "team_interns",
         "unrestricted",
