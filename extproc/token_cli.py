@@ -25,6 +25,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from extproc.config.files import FileProblem, read_bounded
+from extproc.config.model import is_loopback
+
 _TIMEOUT_S = 10.0
 _MAX_REPLY = 1 << 20
 # Renewed once less than this share of its lifetime is left (at least a minute, if it
@@ -104,8 +107,8 @@ def fetch(url: str, client_id: str, secret: str, audience: str, scope: str) -> t
     basic = base64.b64encode(
         f"{urllib.parse.quote(client_id)}:{urllib.parse.quote(secret)}".encode()
     ).decode()
-    headers = {"authorization": f"Basic {basic}", "accept": "application/json"}
-    reply = _json(url, urllib.parse.urlencode(form).encode(), headers)
+    # Never followed by a redirect to another host: urllib keeps ordinary headers on one.
+    reply = _json(url, urllib.parse.urlencode(form).encode(), {"Authorization": f"Basic {basic}"})
     token, lifetime = reply.get("access_token"), reply.get("expires_in")
     if not isinstance(token, str) or not token:
         raise TokenError(f"{url} answered without an access_token")
@@ -121,11 +124,16 @@ def _token_endpoint(issuer: str) -> str:
     return found
 
 
-def _json(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
-    """GET (or with ``data``, POST) ``url`` and read its JSON object."""
-    if not url.startswith(("https://", "http://")):
-        raise TokenError(f"{url}: expected an http(s) URL")
-    request = urllib.request.Request(url, data=data, headers=headers or {})  # noqa: S310
+def _json(url: str, data: bytes | None = None, private: dict[str, str] | None = None) -> Any:
+    """GET (or with ``data``, POST) ``url`` and read its JSON object.
+
+    ``private`` headers go to ``url`` only, never to where it redirects; plain
+    http is refused except to a loopback address (the client secret travels).
+    """
+    _check_url(url)
+    request = urllib.request.Request(url, data=data, headers={"accept": "application/json"})  # noqa: S310
+    for name, value in (private or {}).items():
+        request.add_unredirected_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as reply:  # noqa: S310
             body: Any = json.loads(reply.read(_MAX_REPLY))
@@ -137,6 +145,15 @@ def _json(url: str, data: bytes | None = None, headers: dict[str, str] | None = 
     if not isinstance(body, dict):
         raise TokenError(f"{url}: not a JSON object")
     return body
+
+
+def _check_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        return
+    raise TokenError(f"{url}: expected an https URL (http only to a loopback address)")
 
 
 def _oauth_error(exc: urllib.error.HTTPError) -> str:
@@ -154,9 +171,11 @@ def _secret(args: argparse.Namespace) -> str:
         where = f"environment variable {args.secret_env}"
     else:
         try:
-            value = args.secret_file.read_text()
-        except OSError as exc:
-            raise TokenError(f"{args.secret_file}: {exc.strerror}") from None
+            value = read_bounded(args.secret_file, 64 * 2**10, "client secret file").decode()
+        except FileProblem as exc:
+            raise TokenError(str(exc)) from None
+        except UnicodeDecodeError:
+            raise TokenError(f"{args.secret_file}: client secret file is not UTF-8 text") from None
         where = f"file {args.secret_file}"
     if not value.strip():
         raise TokenError(f"no client secret in {where}")
