@@ -24,6 +24,7 @@ from extproc.config.model import (
     ErrorStyle,
     GatewayConfig,
     Route,
+    SecretRef,
 )
 from extproc.config.sections import ConfigError
 from extproc.policy import responses
@@ -143,11 +144,12 @@ def compile_policy(
         rule = _rule(route, secret is not None, keys, people=config.sso is not None)
         compiled[route.envoy_name] = _compile_route(route, secret, rule, old)
     limits = config.limits
+    # Read by the limiter and the spend service; checked here so a missing one is a config
+    # error too (``validate`` says so, ``serve`` does not start and then exit 2).
     if limits is not None and limits.password is not None:
-        try:  # read by the limiter; checked here so a missing one is a config error too
-            read_secret(limits.password, environ)
-        except SecretError as exc:
-            problems.append(f"{limits.password.origin}: {exc}")
+        problems += _unusable(limits.password, environ, text=False)
+    if config.spend is not None and config.spend.shared and config.spend.password is not None:
+        problems += _unusable(config.spend.password, environ, text=True)
     if problems:
         raise ConfigError(problems)
     version = _version(config, compiled, tables)
@@ -155,6 +157,19 @@ def compile_policy(
     held = MappingProxyType(tables)
     sso = Claims(config.sso.client_claim, config.sso.groups_claim) if config.sso else None
     return Policy(MappingProxyType(compiled), version, tuple(missing), held, table, sso)
+
+
+def _unusable(ref: SecretRef, environ: Mapping[str, str], text: bool) -> list[str]:
+    """Why the password ``ref`` names cannot be used (``text``: it must be UTF-8), or nothing."""
+    try:
+        secret = read_secret(ref, environ)
+        if text and secret is not None:
+            secret.reveal().decode()
+    except SecretError as exc:
+        return [f"{ref.origin}: {exc}"]
+    except UnicodeDecodeError:  # its message would quote a byte of the password
+        return [f"{ref.origin}: {ref.describe()} is not UTF-8 text"]
+    return []
 
 
 def _read_secret(route: Route, environ: Mapping[str, str]) -> Secret | None:

@@ -11,6 +11,7 @@ from extproc.config.load import load_config
 from extproc.config.model import StoreFailure
 from extproc.config.sections import ConfigError
 from extproc.config.spend import Budget, Period, Price
+from extproc.policy.compiled import compile_policy
 
 BASE = """\
 listener: {address: 127.0.0.1, port: 4000}
@@ -133,3 +134,26 @@ def test_envoy_lets_the_processor_set_retry_after_on_a_budget_refusal(tmp_path: 
         "retry"
         not in mutation_rules(load_config(write(tmp_path, BASE)))["allow_expression"]["regex"]
     )
+
+
+def test_validate_names_an_unusable_database_password_as_it_names_a_route_secret(
+    tmp_path: Path,
+) -> None:
+    """``serve`` reads it when the spend service starts: a missing one was not a config error."""
+    text = BASE + "spend:\n  store: postgresql://gw@127.0.0.1:5432/spend\n  password: {env: PG}\n"
+    config = load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError) as caught:
+        compile_policy(config, {"K": "sk-server"})
+    assert caught.value.problems == (
+        "gateway.yaml:10 spend.password: environment variable PG is not set",
+    )
+    (tmp_path / "pg.pw").write_bytes(b"pa\xffss\n")
+    config = load_config(write(tmp_path, text.replace("{env: PG}", "{file: pg.pw}")))
+    with pytest.raises(ConfigError) as caught:
+        compile_policy(config, {"K": "sk-server"})
+    assert caught.value.problems == (
+        f"gateway.yaml:10 spend.password: file {tmp_path / 'pg.pw'} is not UTF-8 text",
+    )
+    assert "\\xff" not in str(caught.value.problems)
+    (tmp_path / "pg.pw").write_text("pass\n")
+    compile_policy(config, {"K": "sk-server"})  # readable UTF-8: no problem
