@@ -2,7 +2,7 @@
 
 Static: everything inline, for a one-shot ``render``. Dynamic (``xds_dir``):
 the bootstrap only names files in that folder (listeners, routes, clusters,
-and the listener's certificate by SDS), which Envoy watches; ``extproc.runtime.xds``
+the listener's certificate and each CA bundle by SDS), which Envoy watches; ``extproc.runtime.xds``
 rewrites them atomically on every good config load, so routes and upstreams change
 without a restart and without dropping connections (route changes do not touch the
 listener).
@@ -11,12 +11,14 @@ listener).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import yaml
 
 from extproc.config.model import GatewayConfig
 from extproc.render import tls
+from extproc.render.clusters import ca_files as ca_files_by_cluster
 from extproc.render.clusters import clusters
 from extproc.render.common import Json, socket_address, typed
 from extproc.render.listener import listener
@@ -42,12 +44,23 @@ _TYPES = {
 
 def file_source(xds_dir: Path, kind: str) -> Json:
     """A config source that reads ``kind``'s file and reloads when a file is moved in."""
+    return _path_source(xds_dir / RESOURCE_FILES[kind], xds_dir)
+
+
+def secret_file(name: str) -> str:
+    """The file of a CA bundle's SDS resource: one each, as Envoy reads one secret per file."""
+    return f"{name}.json"
+
+
+def secret_source(xds_dir: Path) -> tls.SecretSource:
+    """Where dynamic clusters read their CA bundles' secrets (a file each in ``xds_dir``)."""
+    return lambda name: _path_source(xds_dir / secret_file(name), xds_dir)
+
+
+def _path_source(path: Path, xds_dir: Path) -> Json:
     return {
         "resource_api_version": "V3",
-        "path_config_source": {
-            "path": str(xds_dir / RESOURCE_FILES[kind]),
-            "watched_directory": {"path": str(xds_dir)},
-        },
+        "path_config_source": {"path": str(path), "watched_directory": {"path": str(xds_dir)}},
     }
 
 
@@ -84,7 +97,7 @@ def render_resources(
 ) -> dict[str, Json]:
     """The discovery files for ``xds_dir``, by kind (sds: the listener's certificate)."""
     found = {
-        "cds": clusters(config) + extra_clusters,
+        "cds": clusters(config, secret_source(xds_dir)) + extra_clusters,
         "rds": [route_config(config)],
         "sds": tls.secrets(config.listener.tls),
         "lds": [
@@ -95,10 +108,21 @@ def render_resources(
             )
         ],
     }
+    return {kind: _document(kind, items) for kind, items in found.items()}
+
+
+def render_bundles(config: GatewayConfig, extra_ca_files: Collection[Path]) -> dict[str, Json]:
+    """The CA bundles' SDS files, by file name: the routes' and ``extra_ca_files`` (those of
+    clusters kept from the last config, which still name them)."""
+    bundles = {*ca_files_by_cluster(config).values(), *extra_ca_files}
     return {
-        kind: {"resources": [{"@type": "type.googleapis.com/" + _TYPES[kind], **r} for r in items]}
-        for kind, items in found.items()
+        secret_file(tls.ca_secret_name(path)): _document("sds", [tls.ca_secret(path)])
+        for path in sorted(bundles)
     }
+
+
+def _document(kind: str, items: list[Json]) -> Json:
+    return {"resources": [{"@type": "type.googleapis.com/" + _TYPES[kind], **r} for r in items]}
 
 
 def to_yaml(document: Json, source: Path) -> str:

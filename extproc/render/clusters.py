@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from extproc.config.model import GatewayConfig, Route
 from extproc.render import jwt, tls
 from extproc.render.common import (
@@ -27,7 +29,10 @@ def _endpoint(name: str, address: Json) -> Json:
     }
 
 
-def route_cluster(route: Route, config: GatewayConfig) -> Json:
+def route_cluster(
+    route: Route, config: GatewayConfig, sds_source: tls.SecretSource | None = None
+) -> Json:
+    """The route's upstream; with ``sds_source`` its CA bundle comes by SDS (watched on disk)."""
     name = cluster_name(route.envoy_name)
     target = route.upstream
     cluster: Json = {
@@ -43,7 +48,7 @@ def route_cluster(route: Route, config: GatewayConfig) -> Json:
     if target.tls:
         # ALPN picks HTTP/2 when the provider offers it, HTTP/1.1 otherwise.
         protocol = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
-        cluster["transport_socket"] = tls.upstream(target, route.ca_file or config.system_ca_file)
+        cluster["transport_socket"] = tls.upstream(target, _ca_file(route, config), sds_source)
     else:
         protocol = {"explicit_http_config": {"http_protocol_options": {}}}
     cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS: typed(HTTP_OPTIONS, **protocol)}
@@ -71,8 +76,21 @@ def extproc_cluster(config: GatewayConfig, name: str = EXTPROC_CLUSTER) -> Json:
     }
 
 
-def clusters(config: GatewayConfig) -> list[Json]:
-    out = [route_cluster(route, config) for route in config.routes]
+def _ca_file(route: Route, config: GatewayConfig) -> Path:
+    return route.ca_file or config.system_ca_file
+
+
+def ca_files(config: GatewayConfig) -> dict[str, Path]:
+    """The CA bundle each TLS route's cluster trusts, by cluster name (the SDS secrets it needs)."""
+    return {
+        cluster_name(route.envoy_name): _ca_file(route, config)
+        for route in config.routes
+        if route.upstream.tls
+    }
+
+
+def clusters(config: GatewayConfig, sds_source: tls.SecretSource | None = None) -> list[Json]:
+    out = [route_cluster(route, config, sds_source) for route in config.routes]
     out.append(extproc_cluster(config))  # any route may have a gateway key to check
     if config.metering:  # the access-log service, on the same processor
         out.append(extproc_cluster(config, ACCESSLOG_CLUSTER))

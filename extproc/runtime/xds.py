@@ -5,7 +5,8 @@ so Envoy never reads half a file (it reloads on the move). Clusters come first,
 then (once a running Envoy lists the new clusters as active) routes, then the
 listener, so a route never names a cluster Envoy cannot use yet. The previous
 generation's clusters are kept one reload longer, so requests still routed by
-the old routes finish on their old cluster.
+the old routes finish on their old cluster; the CA bundles' SDS files (one each,
+written before everything else) stay as long as a cluster names them.
 
 Each file carries the policy version as its ``version_info``. File-based xDS
 has no ACK; Envoy's ``version_text`` stat for CDS, RDS and LDS is the
@@ -27,9 +28,17 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from extproc.config.model import Endpoint, GatewayConfig
-from extproc.render.bootstrap import RESOURCE_FILES, render_resources, to_json
-from extproc.render.clusters import clusters
+from extproc.render.bootstrap import (
+    RESOURCE_FILES,
+    render_bundles,
+    render_resources,
+    secret_file,
+    secret_source,
+    to_json,
+)
+from extproc.render.clusters import ca_files, clusters
 from extproc.render.common import Json
+from extproc.render.tls import BUNDLE_NAME_PREFIX
 from extproc.runtime.envoy_admin import admin_get
 
 log = logging.getLogger("extproc.runtime.xds")
@@ -145,18 +154,22 @@ class XdsWriter:
         self.xds_dir = xds_dir
         self.accept_wait_s = accept_wait_s
         self._previous: list[Json] = []  # the clusters of the last delivered config
-        self._delivered: dict[str, str] = {}  # the files' texts Envoy last accepted, by kind
+        self._previous_cas: dict[str, Path] = {}  # their CA bundles, by cluster name
+        self._delivered: dict[str, str] = {}  # the files' texts Envoy last accepted, by name
 
     def write(self, config: GatewayConfig, version: str = "") -> None:
         """Write the files for ``config`` and (with a version) wait until Envoy takes them.
 
         Raises DeliveryError (with the last delivered files written back) if it does not.
         """
-        current = clusters(config)
+        current = clusters(config, secret_source(self.xds_dir))  # as render_resources does
         names = {cluster["name"] for cluster in current}
         retired = [cluster for cluster in self._previous if cluster["name"] not in names]
-        documents = render_resources(config, self.xds_dir, retired)
-        texts = {kind: to_json(_versioned(documents[kind], version)) for kind in KINDS}
+        retired_cas = [ca for name, ca in self._previous_cas.items() if name not in names]
+        kinds = render_resources(config, self.xds_dir, retired)
+        documents = render_bundles(config, retired_cas)  # by file name, before the kinds
+        documents |= {RESOURCE_FILES[kind]: kinds[kind] for kind in KINDS}
+        texts = {name: to_json(_versioned(doc, version)) for name, doc in documents.items()}
         try:
             self._write_all(config.admin, texts, names)
             if version:
@@ -165,13 +178,16 @@ class XdsWriter:
             self._roll_back(config.admin)
             raise exc if isinstance(exc, DeliveryError) else DeliveryError(str(exc)) from exc
         self._previous = current
+        self._previous_cas = ca_files(config)
         self._delivered = texts
+        self._remove_unnamed_bundles(texts)
 
     def _write_all(self, admin: Endpoint, texts: Mapping[str, str], names: set[str]) -> None:
+        """Write ``texts`` (by file name) in their order, waiting for new clusters after CDS."""
         self.xds_dir.mkdir(parents=True, exist_ok=True)
-        for kind in KINDS:
-            atomic_write(self.xds_dir / RESOURCE_FILES[kind], texts[kind])
-            if kind == "cds" and self._previous:
+        for name, text in texts.items():
+            atomic_write(self.xds_dir / name, text)
+            if name == RESOURCE_FILES["cds"] and self._previous:
                 added = names - {cluster["name"] for cluster in self._previous}
                 wait_for_clusters(admin, added, CLUSTER_WAIT_SECONDS)
 
@@ -183,6 +199,12 @@ class XdsWriter:
             self._write_all(admin, self._delivered, set())
         except OSError as exc:
             log.error("could not write back the last delivered xDS files: %s", exc)
+
+    def _remove_unnamed_bundles(self, texts: Mapping[str, str]) -> None:
+        """Delete the SDS files of CA bundles no delivered cluster names any more."""
+        for path in self.xds_dir.glob(secret_file(BUNDLE_NAME_PREFIX + "*")):
+            if path.name not in texts:
+                path.unlink(missing_ok=True)
 
 
 def _versioned(document: Json, version: str) -> Json:

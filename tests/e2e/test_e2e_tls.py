@@ -4,6 +4,7 @@ Upstream: the route's ``ca_file`` decides whom Envoy trusts; a certificate from
 another CA must stop the connection before any header (so any key) is sent.
 Downstream: ``listener.tls`` serves HTTP/1.1 and HTTP/2 (ALPN) to clients, and a
 certificate rotated on disk is served to new connections without a restart (SDS).
+A CA bundle replaced on disk (``ca_file`` or ``ca_bundle``) is trusted likewise (SDS).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import pytest
 from harness import (
     CertFiles,
     Gateway,
+    RecordedRequest,
     RecordingUpstream,
+    Reply,
     credential_route,
     http1,
     http2,
@@ -209,3 +212,95 @@ def test_a_mistyped_ca_file_on_a_live_reload_fails_the_reload_and_the_old_config
     assert upstream.only_request().values("x-api-key") == [SERVER_KEY.encode()]
     log = gateway.extproc_log.read_text()
     assert f"routes[0].ca_file: certificate file {ca_file}.typo cannot be read" in log
+
+
+def closing(_request: RecordedRequest) -> Reply:
+    """Every answer closes its connection, so each request is a new TLS handshake."""
+    return Reply(200, b'{"ok": true}', headers=(("connection", "close"),))
+
+
+def replace_by_rename(source: Path, target: Path) -> None:
+    """``target`` gets ``source``'s bytes in one rename, as ``mv`` and cert-manager do."""
+    staged = target.with_name(f".{target.name}.new")
+    staged.write_bytes(source.read_bytes())
+    os.replace(staged, target)
+
+
+def configmap(folder: Path, source: Path, version: str) -> Path:
+    """A Kubernetes ConfigMap volume holding ``source`` as bundle.pem; the path pods read.
+
+    Kubernetes writes a new ``..<version>`` folder, points ``..data_tmp`` at it and renames
+    that over ``..data``: bundle.pem (a link through ``..data``) itself is never touched.
+    """
+    (folder / f"..{version}").mkdir(parents=True)
+    (folder / f"..{version}" / "bundle.pem").write_bytes(source.read_bytes())
+    (folder / "..data_tmp").symlink_to(f"..{version}")
+    os.replace(folder / "..data_tmp", folder / "..data")
+    if not (folder / "bundle.pem").is_symlink():
+        (folder / "bundle.pem").symlink_to("..data/bundle.pem")
+    return folder / "bundle.pem"
+
+
+def post_status(gateway: Gateway, listener: CertFiles, path: str = "/anthropic/v1/messages") -> int:
+    with http1(gateway.base_url, verify=listener.client_context()) as client:
+        return client.post(path, json={}).status_code
+
+
+# (where the bundle is named, how it is replaced)
+SWAPS = {
+    "ca_file-rename": ("ca_file", "rename"),
+    "ca_bundle-rename": ("ca_bundle", "rename"),
+    "ca_file-configmap": ("ca_file", "configmap"),
+}
+
+
+@pytest.mark.parametrize("swap", SWAPS.values(), ids=SWAPS.keys())
+def test_a_ca_bundle_replaced_on_disk_is_trusted_by_new_upstream_connections_without_a_restart(
+    start_gateway: Callable[..., Gateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+    swap: tuple[str, str],
+) -> None:
+    where, how = swap
+    first, second = (make_certs(tmp_path / name, "localhost") for name in ("ca1", "ca2"))
+    folder = tmp_path / "trust"
+    if how == "rename":
+        folder.mkdir()
+        trust = folder / "bundle.pem"
+        trust.write_bytes(first.ca_file.read_bytes())
+    else:
+        trust = configmap(folder, first.ca_file, "v1")
+    served = first.server_context()
+    served.options |= ssl.OP_NO_TICKET  # no resumption: every handshake shows the certificate
+    served.num_tickets = 0
+    upstream = start_upstream("tls-upstream", tls=served, responder=closing)
+    route = credential_route("anthropic", upstream.url("localhost"))
+    # Beside it, TLS files that do not change: another bundle and the listener's certificate.
+    other, listener = make_certs(tmp_path / "ca3", "localhost"), make_certs(tmp_path / "listener")
+    steady = start_upstream("steady", tls=other.server_context(), responder=closing)
+    routes = [credential_route("openai", steady.url("localhost"), ca_file=str(other.ca_file))]
+    env = {"ANTHROPIC_KEY": SERVER_KEY, "OPENAI_KEY": "sk-steady"}
+    tls_files = {"tls": {"cert_file": str(listener.cert_file), "key_file": str(listener.key_file)}}
+    if where == "ca_file":
+        routes.append({**route, "ca_file": str(trust)})
+        gateway = start_gateway(routes, env=env, listener=tls_files)
+    else:
+        routes.append(route)
+        gateway = start_gateway(routes, env=env, listener=tls_files, top={"ca_bundle": str(trust)})
+    envoy = gateway.envoy_process
+    assert post_status(gateway, listener) == 200
+    served.load_cert_chain(second.cert_file, second.key_file)  # the upstream moves to CA2
+    assert post_status(gateway, listener) == 503  # a new connection: CA2's certificate, CA1 trusted
+    assert upstream.wait_handshake_failures(1) >= 1
+    if how == "rename":
+        replace_by_rename(second.ca_file, trust)
+    else:
+        configmap(folder, second.ca_file, "v2")
+    deadline = time.monotonic() + 30
+    while (status := post_status(gateway, listener)) != 200:
+        assert status == 503, f"neither refused nor served: {status}"
+        assert time.monotonic() < deadline, "Envoy still trusts the old bundle after 30 s"
+        time.sleep(0.1)
+    assert gateway.envoy_process is envoy and envoy is not None and envoy.poll() is None
+    assert [seen.values("x-api-key") for seen in upstream.requests] == [[SERVER_KEY.encode()]] * 2
+    assert post_status(gateway, listener, "/openai/v1/chat/completions") == 200
