@@ -65,7 +65,14 @@ def _in_team(team: str) -> Json:
     """The processor named ``team`` among the client's teams."""
     value = {"list_match": {"one_of": {"string_match": {"exact": team}}}}
     path = [{"key": "teams"}]
-    return {"metadata": {"filter": METADATA_NAMESPACE, "path": path, "value": value}}
+    return _dynamic(METADATA_NAMESPACE, path, value)
+
+
+def _dynamic(namespace: str, path: list[Json], value: Json) -> Json:
+    """A match on the request's dynamic metadata (``sourced_metadata``: the plain
+    ``metadata`` field is deprecated)."""
+    matcher = {"filter": namespace, "path": path, "value": value}
+    return {"sourced_metadata": {"metadata_matcher": matcher, "metadata_source": "DYNAMIC"}}
 
 
 def _rbac(sso: Sso) -> Json:
@@ -79,13 +86,9 @@ def _rbac(sso: Sso) -> Json:
     }
     for (team, models), member in zip(sso.models, listed, strict=True):
         allowed = [
-            {"metadata": {
-                "filter": REQUEST_NAMESPACE,
-                "path": [{"key": "model"}],
-                "value": {"string_match": {"exact": model}},
-            }}
+            _dynamic(REQUEST_NAMESPACE, [{"key": "model"}], {"string_match": {"exact": model}})
             for model in models
-        ]  # fmt: skip
+        ]
         policies[f"team_{team}"] = {
             "permissions": [{"or_rules": {"rules": allowed}}],
             "principals": [member],

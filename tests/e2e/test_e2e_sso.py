@@ -308,3 +308,28 @@ def test_sso_turned_on_and_off_by_a_live_reload(
     gateway.reconfigure(top=top)  # off again: a token is just someone's own credential
     poll(lambda: _send(gateway, [("x-api-key", refused)])[0] == 200, "no longer checking")
     assert gateway.envoy_process is not None and gateway.envoy_process.poll() is None
+
+
+def test_a_refused_model_releases_what_the_decision_held(
+    start_gateway: Callable[..., Gateway],
+    upstream: RecordingUpstream,
+    provider: OpenIdProvider,
+) -> None:
+    """The 403 comes after the processor admitted the request (a concurrency slot): its usage
+    record ends it, so the person's next request is not refused as over the limit."""
+    sso = {"issuer": provider.issuer, "audiences": [AUDIENCE], "models": {"interns": [HAIKU]}}
+    top = {
+        "sso": sso,
+        "metering": True,
+        "metering_flush_ms": 50,
+        "limits": {"default": {"concurrent": 1}},
+    }
+    gateway = start_gateway(
+        [credential_route("sso", upstream.url())], env={"SSO_KEY": SERVER_KEY}, top=top
+    )
+    intern = [("x-api-key", provider.token("ivy-cli", AUDIENCE))]
+    # One at a time: a slot is free again once the last request's record has arrived.
+    for _ in range(3):
+        poll(lambda: _send(gateway, intern, _ask("claude-opus-4-1"))[0] == 403, "a 403")
+        poll(lambda: _send(gateway, intern, _ask(HAIKU))[0] == 200, "admitted again")
+    assert "Deprecated field" not in gateway.logs()
