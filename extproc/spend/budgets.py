@@ -65,6 +65,16 @@ class Account:
         return "the organisation" if self.scope == ORGANISATION else f"{self.scope} '{self.name}'"
 
 
+@dataclass(frozen=True, slots=True)
+class _Crossing:
+    """A budget that passed its soft threshold: told after the lock is released."""
+
+    account: Account
+    i: int
+    spent: int
+    cap: int
+
+
 @dataclass(slots=True)
 class _Held:
     expires: float
@@ -145,7 +155,8 @@ class Budgets:
                 return
             mean = self._means.get(client, cost)
             self._means[client] = mean + (cost - mean) // _MEAN_WEIGHT
-            self._charge(self._accounts(client, teams, every=True), at, cost)
+            crossed = self._charge(self._accounts(client, teams, every=True), at, cost)
+        self._tell(crossed)
 
     def expire(self) -> int:
         """Drop reservations whose record never came; returns how many."""
@@ -160,12 +171,14 @@ class Budgets:
 
     def load(self, totals: Mapping[tuple[str, str, Period], int]) -> None:
         """Set spent in the current periods (from the database) for every configured budget."""
+        crossed: list[_Crossing] = []
         with self._lock:
             for (scope, name, period), amount in totals.items():
                 account = self._account(scope, name, create=True)
                 if account is not None:
                     account.spent[PERIODS.index(period)] = amount
-                    self._check_soft(account, PERIODS.index(period))
+                    crossed += self._check_soft(account, PERIODS.index(period))
+        self._tell(crossed)
 
     def totals(self) -> dict[tuple[str, str, Period], int]:
         """Spent in the current periods of every account (what a reload carries over)."""
@@ -240,27 +253,35 @@ class Budgets:
         for account in held.accounts:
             account.reserved -= held.amount
 
-    def _charge(self, accounts: tuple[Account, ...], at: float, cost: int) -> None:
+    def _charge(self, accounts: tuple[Account, ...], at: float, cost: int) -> list[_Crossing]:
+        crossed: list[_Crossing] = []
         for i in range(3):
             if at < self.starts[i]:
                 continue  # a record from a period already over: it is in the ledger only
             for account in accounts:
                 account.spent[i] += cost
-                self._check_soft(account, i)
+                crossed += self._check_soft(account, i)
+        return crossed
 
-    def _check_soft(self, account: Account, i: int) -> None:
+    def _check_soft(self, account: Account, i: int) -> list[_Crossing]:
+        """The crossing to tell (once per period), if ``account`` just passed its threshold."""
         cap = account.caps[i]
         if cap is None or account.soft_seen[i] or account.spent[i] * 100 < cap * self._soft:
-            return
+            return []
         account.soft_seen[i] = True
-        period = PERIODS[i]
-        log.warning(
-            "%s is at %d%% of its %s budget: $%s of $%s",
-            account.label(), account.spent[i] * 100 // max(cap, 1), period.value,
-            _money(account.spent[i]), _money(cap),
-        )  # fmt: skip
-        if self._on_soft is not None:
-            self._on_soft(account.scope, account.name, period)
+        return [_Crossing(account, i, account.spent[i], cap)]
+
+    def _tell(self, crossed: list[_Crossing]) -> None:
+        """Log and report crossings outside the lock: ``admit`` never waits for a log handler."""
+        for c in crossed:
+            period = PERIODS[c.i]
+            log.warning(
+                "%s is at %d%% of its %s budget: $%s of $%s",
+                c.account.label(), c.spent * 100 // max(c.cap, 1), period.value,
+                _money(c.spent), _money(c.cap),
+            )  # fmt: skip
+            if self._on_soft is not None:
+                self._on_soft(c.account.scope, c.account.name, period)
 
     def _roll(self, now: float) -> None:
         """A period ended: its spend starts again from zero (the ledger keeps the old one)."""

@@ -16,7 +16,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Protocol
 
 from genai_prices import Usage
-from genai_prices.data_snapshot import get_snapshot
+from genai_prices.data_snapshot import DataSnapshot, get_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
 from extproc.config.spend import Price
@@ -53,6 +53,9 @@ class PriceBook:
         self._pricers: dict[str, Pricer | None] = {}
         self._on_unknown = on_unknown
         self.version = table_version(overrides)
+        # Loaded now (~13 ms, at start or reload), not by the first record's lookup, which
+        # runs on the server's event loop in the access-log handler.
+        self._table = get_snapshot()
 
     def cost(self, record: UsageRecord) -> int | None:
         """Nano-dollars; 0 for an answer that used nothing; None when the cost is unknown."""
@@ -70,7 +73,7 @@ class PriceBook:
         if model in self._pricers:
             return self._pricers[model]
         override = self._overrides.get(model)
-        pricer = _flat(override) if override else _from_table(model)
+        pricer = _flat(override) if override else _from_table(self._table, model)
         self._pricers[model] = pricer
         if pricer is None:
             log.warning("no price for model %r: its cost is counted as unknown", model[:80])
@@ -98,11 +101,11 @@ def _flat(price: Price) -> Pricer:
     return cost
 
 
-def _from_table(model: str) -> Pricer | None:
+def _from_table(table: DataSnapshot, model: str) -> Pricer | None:
     if not model:
         return None
     try:
-        _, info = get_snapshot().find_provider_model(model, None, None, None)
+        _, info = table.find_provider_model(model, None, None, None)
     except LookupError:
         return None
     fast: dict[int, Pricer | None] = {}  # by the table's price object (a new one when it changes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime
 from decimal import Decimal
@@ -140,6 +141,40 @@ def test_a_soft_threshold_logs_and_reports_once(caplog: pytest.LogCaptureFixture
     b.settle("alice", (), clock.now, usd("1"))
     assert seen == [("organisation", "", Period.DAY)]
     assert sum("80% of its day budget" in r.message for r in caplog.records) == 1
+
+
+def test_the_soft_threshold_is_told_with_the_budgets_lock_free() -> None:
+    """A slow log handler (a full pipe, a remote syslog) must not hold up ``admit``."""
+    clock = Clock(at("2026-12-07T15:00:00"))
+    spend = Spend(timezone="Europe/Berlin", organisation=Budget(day=Decimal(10)), soft_percent=80)
+    free: list[bool] = []
+
+    def other_thread_can_admit(*_: object) -> None:
+        def probe() -> None:
+            got = b._lock.acquire(blocking=False)
+            free.append(got)
+            if got:
+                b._lock.release()
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        thread.join(timeout=10)
+
+    class Probe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            other_thread_can_admit()
+
+    b = Budgets(spend, clock, on_soft=other_thread_can_admit)
+    handler = Probe()
+    logging.getLogger("extproc.spend").addHandler(handler)
+    try:
+        b.settle("alice", (), clock.now, usd("9"))  # charged: the log line, then the hook
+        b2 = Budgets(spend, clock, on_soft=other_thread_can_admit)
+        b, b2 = b2, b
+        b.load({("organisation", "", Period.DAY): usd("9")})  # loaded from the database
+    finally:
+        logging.getLogger("extproc.spend").removeHandler(handler)
+    assert free == [True] * 4
 
 
 def overshoot(cost: str, estimate: str, cap: str = "2") -> tuple[int, int, int]:

@@ -388,3 +388,25 @@ def test_a_budgets_reload_while_the_database_is_down_keeps_the_spend_it_knows(
     service.reconfigure(replace(s, clients=(("alice", Budget(day=Decimal(6))),)))
     refusal = service.admit("alice")
     assert refusal is not None and "$6.75 spent of $6.00" in refusal.message
+
+
+def test_the_price_table_is_loaded_when_the_service_starts_not_by_the_first_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are priced on the server's event loop: the ~13 ms load must not happen there."""
+    from genai_prices.data_snapshot import get_snapshot as real
+
+    from extproc.spend import prices
+
+    loads: list[str] = []
+
+    def counting() -> Any:
+        loads.append("load")
+        return real()
+
+    monkeypatch.setattr(prices, "get_snapshot", counting)
+    s = spend(tmp_path)
+    service = SpendService(s, open_database(s), clock=lambda: NOW)
+    started = len(loads)
+    service.records([rec(rid="a"), replace(rec(rid="b"), model="claude-sonnet-4-5")])
+    assert started >= 1 and len(loads) == started

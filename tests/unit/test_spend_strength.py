@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from genai_prices.data_snapshot import DataSnapshot
 from genai_prices.types import ModelPrice, Tier, TieredPrices
 
 from extproc.config.spend import Budget, Period, Spend
@@ -80,9 +81,9 @@ def test_a_model_is_looked_up_once_and_priced_the_same_every_time(
     looked_up: list[str] = []
     real = prices._from_table
 
-    def counting(model: str) -> prices.Pricer | None:
+    def counting(table: DataSnapshot, model: str) -> prices.Pricer | None:
         looked_up.append(model)
-        return real(model)
+        return real(table, model)
 
     monkeypatch.setattr(prices, "_from_table", counting)
     book = PriceBook()
