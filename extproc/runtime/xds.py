@@ -167,9 +167,9 @@ class XdsWriter:
         retired = [cluster for cluster in self._previous if cluster["name"] not in names]
         retired_cas = [ca for name, ca in self._previous_cas.items() if name not in names]
         kinds = render_resources(config, self.xds_dir, retired)
-        documents = render_bundles(config, retired_cas)  # by file name, before the kinds
-        documents |= {RESOURCE_FILES[kind]: kinds[kind] for kind in KINDS}
-        texts = {name: to_json(_versioned(doc, version)) for name, doc in documents.items()}
+        # By file name, the bundles first: unversioned, as they only name a file (never rewritten).
+        texts = {name: to_json(doc) for name, doc in render_bundles(config, retired_cas).items()}
+        texts |= {RESOURCE_FILES[k]: to_json(_versioned(kinds[k], version)) for k in KINDS}
         try:
             self._write_all(config.admin, texts, names)
             if version:
@@ -186,6 +186,8 @@ class XdsWriter:
         """Write ``texts`` (by file name) in their order, waiting for new clusters after CDS."""
         self.xds_dir.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
+            if name.startswith(BUNDLE_NAME_PREFIX) and _holds(self.xds_dir / name, text):
+                continue  # each move in the folder makes Envoy re-read all it watches there
             atomic_write(self.xds_dir / name, text)
             if name == RESOURCE_FILES["cds"] and self._previous:
                 added = names - {cluster["name"] for cluster in self._previous}
@@ -205,6 +207,13 @@ class XdsWriter:
         for path in self.xds_dir.glob(secret_file(BUNDLE_NAME_PREFIX + "*")):
             if path.name not in texts:
                 path.unlink(missing_ok=True)
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
 
 
 def _versioned(document: Json, version: str) -> Json:

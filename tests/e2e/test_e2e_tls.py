@@ -304,3 +304,35 @@ def test_a_ca_bundle_replaced_on_disk_is_trusted_by_new_upstream_connections_wit
     assert gateway.envoy_process is envoy and envoy is not None and envoy.poll() is None
     assert [seen.values("x-api-key") for seen in upstream.requests] == [[SERVER_KEY.encode()]] * 2
     assert post_status(gateway, listener, "/openai/v1/chat/completions") == 200
+
+
+def test_a_live_reload_to_another_ca_file_warms_its_bundle_and_retires_the_old_one(
+    start_live: Callable[..., LiveGateway],
+    start_upstream: Callable[..., RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    first, second = (make_certs(tmp_path / name, "localhost") for name in ("ca1", "ca2"))
+    served = first.server_context()
+    served.options |= ssl.OP_NO_TICKET  # no resumption: every handshake shows the certificate
+    served.num_tickets = 0
+    upstream = start_upstream("tls-upstream", tls=served, responder=closing)
+    route = tls_route(upstream, first.ca_file)
+    gateway = start_live([route], env={"ANTHROPIC_KEY": SERVER_KEY})
+    assert gateway.xds_dir is not None
+    bundles = sorted(gateway.xds_dir.glob("upstream-ca-*.json"))
+    assert len(bundles) == 1
+    envoy = gateway.envoy_process
+    with http1(gateway.base_url) as client:
+        assert client.post("/anthropic/v1/messages", json={}).status_code == 200
+        served.load_cert_chain(second.cert_file, second.key_file)
+        assert client.post("/anthropic/v1/messages", json={}).status_code == 503
+        for step in (1, 2):  # the second (a timeout) retires the cluster naming the first bundle
+            loads = gateway.metric("gateway_config_reloads_total", result="success") or 0
+            gateway.reconfigure([{**route, "ca_file": str(second.ca_file), "timeout_s": step}])
+            gateway.wait_metric(
+                "gateway_config_reloads_total", lambda v, n=loads: v == n + 1, result="success"
+            )
+            assert client.post("/anthropic/v1/messages", json={}).status_code == 200
+            left = sorted(gateway.xds_dir.glob("upstream-ca-*.json"))
+            assert (bundles[0] in left) is (step == 1), left
+    assert gateway.envoy_process is envoy and envoy is not None and envoy.poll() is None

@@ -173,3 +173,14 @@ def test_a_static_render_keeps_the_ca_bundle_inline(tmp_path: Path) -> None:
     (cluster, *_) = bootstrap["static_resources"]["clusters"]
     context = validation(cluster)["validation_context"]
     assert context["trusted_ca"] == {"filename": str(tmp_path / "ca1.pem")}
+
+
+def test_a_bundle_file_is_written_once_not_moved_again_on_every_reload(tmp_path: Path) -> None:
+    """Each move in the xDS folder makes Envoy re-read every file it watches there."""
+    xds = tmp_path / "xds"
+    writer = XdsWriter(xds)
+    writer.write(upstream_config(tmp_path, ("alpha", "ca1.pem")))
+    (bundle,) = xds.glob("upstream-ca-*.json")
+    first = bundle.stat().st_ino
+    writer.write(upstream_config(tmp_path, ("alpha", "ca1.pem"), ("beta", None)))
+    assert bundle.stat().st_ino == first
