@@ -10,6 +10,7 @@ makes the request DENIED: a valid token must name someone.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf.struct_pb2 import Struct, Value
@@ -28,12 +29,11 @@ class Claims:
 
     client: str = "email"
     groups: str = "groups"
-    teams: frozenset[str] | None = None  # None: every group is a team; else only these
 
-    def identify(self, namespaces: object) -> Identity | None:
-        """The person behind the verified payloads in ``namespaces`` (a metadata map);
-        None when there is none, NOBODY when one names nobody or two disagree."""
-        payloads: Struct | None = namespaces.get(NAMESPACE)  # type: ignore[attr-defined]
+    def identify(self, namespaces: Mapping[str, Struct]) -> Identity | None:
+        """The person behind the verified payloads in ``namespaces`` (the metadata Envoy
+        forwards); None when there is none, NOBODY when one names nobody or two disagree."""
+        payloads = namespaces.get(NAMESPACE)
         if payloads is None or not payloads.fields:
             return None
         found = {self._person(p) for p in payloads.fields.values()}
@@ -52,6 +52,4 @@ class Claims:
         kind = claim.WhichOneof("kind")
         values = claim.list_value.values if kind == "list_value" else [claim]
         names = {v.string_value for v in values if _NAME.fullmatch(v.string_value)}
-        if self.teams is not None:
-            names &= self.teams
         return tuple(sorted(names)[:_MAX_TEAMS])
