@@ -155,7 +155,7 @@ def compile_policy(
     version = _version(config, compiled, tables)
     table = LimitTable.of(limits) if limits else None
     held = MappingProxyType(tables)
-    sso = Claims(config.sso.client_claim, config.sso.groups_claim) if config.sso else None
+    sso = _claims(config)
     return Policy(MappingProxyType(compiled), version, tuple(missing), held, table, sso)
 
 
@@ -170,6 +170,15 @@ def _unusable(ref: SecretRef, environ: Mapping[str, str], text: bool) -> list[st
     except UnicodeDecodeError:  # its message would quote a byte of the password
         return [f"{ref.origin}: {ref.describe()} is not UTF-8 text"]
     return []
+
+
+def _claims(config: GatewayConfig) -> Claims | None:
+    """How people's tokens are read; teams with budgets or model lists are kept first."""
+    if config.sso is None:
+        return None
+    budgets = config.spend.teams if config.spend else ()
+    named = {team for team, _ in (*config.sso.models, *budgets)}
+    return Claims(config.sso.client_claim, config.sso.groups_claim, frozenset(named))
 
 
 def _read_secret(route: Route, environ: Mapping[str, str]) -> Secret | None:

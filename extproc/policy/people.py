@@ -19,7 +19,7 @@ from extproc.policy.access import Identity
 
 NAMESPACE = "envoy.filters.http.jwt_authn"  # as rendered (extproc.render.jwt)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,62}")  # the client label's bound
-_MAX_TEAMS = 32
+_MAX_TEAMS = 32  # a person in hundreds of directory groups: the first 32, named teams first
 NOBODY = Identity("")  # a verified token that names no usable client
 
 
@@ -29,6 +29,7 @@ class Claims:
 
     client: str = "email"
     groups: str = "groups"
+    first: frozenset[str] = frozenset()  # teams with budgets or model lists: never cut off
 
     def identify(self, namespaces: Mapping[str, Struct]) -> Identity | None:
         """The person behind the verified payloads in ``namespaces`` (the metadata Envoy
@@ -52,4 +53,5 @@ class Claims:
         kind = claim.WhichOneof("kind")
         values = claim.list_value.values if kind == "list_value" else [claim]
         names = {v.string_value for v in values if _NAME.fullmatch(v.string_value)}
-        return tuple(sorted(names)[:_MAX_TEAMS])
+        kept = sorted(names, key=lambda name: (name not in self.first, name))[:_MAX_TEAMS]
+        return tuple(sorted(kept))

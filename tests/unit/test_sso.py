@@ -173,6 +173,11 @@ def test_the_payload_names_the_person_and_their_groups_are_teams() -> None:
     assert found == Identity("a@x.org", ("ml",))
     assert claims.identify({}) is None
     assert claims.identify(_payloads(authorization={"sub": "a"})) is NOBODY
+    many = [f"g{i:03}" for i in range(100)]
+    limited = Claims(first=frozenset({"g099"})).identify(
+        _payloads(authorization={"email": "a@x.org", "groups": many})
+    )
+    assert limited is not None and len(limited.teams) == 32 and "g099" in limited.teams
     two = _payloads(authorization={"email": "a@x.org"}, **{"x-api-key": {"email": "b@x.org"}})
     assert claims.identify(two) is NOBODY  # two tokens naming two people
 
