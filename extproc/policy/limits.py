@@ -21,8 +21,16 @@ class Refusal(NamedTuple):
 
 
 class Admission(Protocol):
-    def admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
-        """None to go on (the request is then counted), or why not."""
+    def admit(
+        self,
+        client: str,
+        limit: Limit,
+        on_store_error: StoreFailure,
+        budgets: BudgetAdmission | None = None,
+        teams: tuple[str, ...] = (),
+    ) -> Refusal | None:
+        """None to go on (the request is then counted), or why not; ``budgets`` are asked
+        last, in the same step, so a request they refuse is not counted."""
         ...
 
 

@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from extproc.policy import responses
 from extproc.policy.compiled import Policy
 from extproc.policy.decision import Outcome, decide
-from extproc.policy.limits import Admission, BudgetAdmission
+from extproc.policy.limits import Admission, BudgetAdmission, Refusal
 from extproc.policy.responses import PHASE_REPLIES
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
@@ -71,17 +71,27 @@ def process(
     outcome, client, teams = decision.outcome, decision.client, decision.teams
     if client and decision.expires <= clock():
         outcome = Outcome.EXPIRED  # a 401 for this client: no limit or budget applies
-    if admission is not None and client and outcome in _SPENDS and policy.limits is not None:
-        limit = policy.limits.for_client(client)
-        if limit.any:
-            refusal = admission.admit(client, limit, policy.limits.on_store_error)
-            if refusal is not None:
-                limited = route.limited(refusal, client, teams)
-                return Answer(limited, route.name, Outcome.LIMITED, client, teams=teams)
-    if budgets is not None and outcome in _SPENDS:
-        refusal = budgets.admit(client, teams)
+    if outcome in _SPENDS:
+        refusal = _admit(policy, client, teams, admission, budgets)
         if refusal is not None:
             limited = route.limited(refusal, client, teams)
             return Answer(limited, route.name, Outcome.LIMITED, client, teams=teams)
     payload = route.answer(outcome, decision.remove, client, teams)
     return Answer(payload, route.name, outcome, client, teams=teams)
+
+
+def _admit(
+    policy: Policy,
+    client: str,
+    teams: tuple[str, ...],
+    admission: Admission | None,
+    budgets: BudgetAdmission | None,
+) -> Refusal | None:
+    """The client's limits, then its budgets, as one step of the limiter when it has
+    limits: a request the budgets refuse uses up none of them."""
+    limits = policy.limits
+    if admission is not None and client and limits is not None:
+        limit = limits.for_client(client)
+        if limit.any:
+            return admission.admit(client, limit, limits.on_store_error, budgets, teams)
+    return budgets.admit(client, teams) if budgets is not None else None

@@ -15,7 +15,6 @@ from typing import Protocol
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from extproc.policy.compiled import Policy
-from extproc.policy.decision import Outcome
 from extproc.policy.limits import BudgetAdmission
 from extproc.policy.processor import Answer, process
 from extproc.server.metrics import Metrics
@@ -25,7 +24,6 @@ from extproc.usage.records import RecordSink
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 ACCESS_LOG_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
-_SPENDS = frozenset({Outcome.INJECTED, Outcome.REPLACED})  # the organisation's key pays
 
 
 class PolicySource(Protocol):
@@ -51,12 +49,10 @@ class Services:
 
 
 def decide(services: Services, request: ext_proc.ProcessingRequest) -> Answer:
-    """Answer one Process message; a request admitted on our key counts as in flight."""
+    """Answer one Process message (a request admitted on our key is counted by the limiter)."""
     start = time.perf_counter()
     policy = services.source.policy
     answer = process(policy, request, services.limiter, services.budgets)
     if answer.outcome is not None:
         services.metrics.decided(answer, time.perf_counter() - start, policy.limits)
-        if answer.outcome in _SPENDS:
-            meter.started(policy, services.limiter, answer.client)
     return answer

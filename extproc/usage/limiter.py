@@ -9,6 +9,8 @@ charged when its response ends, so a client may overshoot by what its
 requests in flight go on to use. A client whose shared counts this replica
 has not read yet gets one request until they are read (the store reads them
 at once); its others meanwhile get 429 ``syncing`` with retry-after 1 s.
+A request admitted is counted in the same step as it is checked: a minute's
+request and one in flight (a lease, ended by its usage record).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from extproc.config.model import Limit, Limits, StoreFailure
-from extproc.policy.limits import Refusal
+from extproc.policy.limits import BudgetAdmission, Refusal
 from extproc.policy.secrets import SecretError, read_secret
 from extproc.usage.store import MemoryStore, OnSync, RedisStore, Store
 
@@ -35,27 +37,42 @@ class Limiter:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._clock = clock
-        # Checking the minute's count and adding to it are one step: server: grpcio decides
-        # on a pool of threads, and two requests must not both take a client's last one.
-        # (In flight is counted later, by the caller: ``concurrent`` can still pass by
-        # the requests decided at the same moment.)
+        # Checking the counts and adding to them are one step: server: grpcio decides on a
+        # pool of threads, and two requests must not both take a client's last request of
+        # the minute or its last slot in flight.
         self._admitting = threading.Lock()
 
-    def admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
+    def admit(
+        self,
+        client: str,
+        limit: Limit,
+        on_store_error: StoreFailure,
+        budgets: BudgetAdmission | None = None,
+        teams: tuple[str, ...] = (),
+    ) -> Refusal | None:
         """None to go on (and the request is counted), or why not.
 
+        ``budgets`` (spend's, for ``client`` in ``teams``) are asked last, in the same step,
+        so a request they refuse uses up no request of the minute and no slot in flight.
         A count the shared store has not read yet (the client's first request
         through this replica) reads as 0, and the client gets one request until it is read.
         """
         with self._admitting:
-            return self._admit(client, limit, on_store_error)
+            now = self._clock()
+            refusal = self._check(client, limit, on_store_error, now)
+            if refusal is None and budgets is not None:
+                refusal = budgets.admit(client, teams)
+            if refusal is None:
+                self._count(client, limit, now)
+            return refusal
 
-    def _admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
+    def _check(
+        self, client: str, limit: Limit, on_store_error: StoreFailure, now: float
+    ) -> Refusal | None:
         store = self.store
         if not store.healthy and on_store_error is StoreFailure.CLOSED:
             message = "Limits cannot be checked right now; retry shortly."
             return Refusal(503, "store", 5, message)
-        now = self._clock()
         unread = False
         if limit.concurrent is not None:
             inflight = store.inflight(client)
@@ -82,9 +99,13 @@ class Limiter:
                 return Refusal(429, "tokens", _seconds((window + 1) * seconds - now), message)
         if unread and not store.unread_admit(client):
             return Refusal(429, "syncing", 1, UNREAD.format(client))
-        if rpm is not None:
-            store.incr(requests, 60, minute, 1)
         return None
+
+    def _count(self, client: str, limit: Limit, now: float) -> None:
+        if limit.requests_per_minute is not None:
+            self.store.incr(f"{client}:requests:60", 60, int(now // 60), 1)
+        if limit.concurrent is not None:
+            self.started(client)
 
     def charge(self, client: str, limit: Limit, tokens: int) -> None:
         """Count ``tokens`` a finished response used into the client's current window."""
@@ -98,6 +119,7 @@ class Limiter:
         self.store.close()
 
     def started(self, client: str) -> None:
+        """One more in flight: a lease that its usage record (``finished``) ends."""
         self.store.inflight_add(client, 1)
 
     def finished(self, client: str) -> None:

@@ -2,9 +2,10 @@
 
 Envoy counts the tokens (its Lua meter) and sends one access-log entry per finished
 request; ``Meter.batch`` reads a ``StreamAccessLogsMessage`` into ``UsageRecord``s and
-hands them on. Requests in flight (for concurrency limits) start at the decision
-(``started``) and end when their record arrives: the same rule decides both, so a count
-taken is always given back (unless the record is lost: see the README's "Loss").
+hands them on. Requests in flight (for concurrency limits) start when the limiter admits
+them and end when their record arrives: the same rule decides both (the organisation's key
+paid, for a client with a ``concurrent`` limit), so a count taken is given back once (a
+record lost ends nothing: its lease runs out, see the README's "Loss").
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ log = logging.getLogger("extproc.usage")
 
 
 class Charges(Protocol):
-    """The limiter's side of metering: requests in flight and tokens used."""
-
-    def started(self, client: str) -> None: ...
+    """The limiter's side of metering: the end of requests in flight and tokens used."""
 
     def finished(self, client: str) -> None: ...
 
@@ -41,21 +40,6 @@ class UsageMetrics(Protocol):
     def unreadable(self, count: int) -> None: ...
 
     def meter_errors(self, count: int) -> None: ...
-
-
-def in_flight_counted(policy: Policy, client: str) -> bool:
-    """A request the organisation pays for, by a client with a concurrency limit."""
-    return (
-        bool(client)
-        and policy.limits is not None
-        and (policy.limits.for_client(client).concurrent is not None)
-    )
-
-
-def started(policy: Policy, charges: Charges | None, client: str) -> None:
-    """A decision spent the organisation's key for ``client``: one more in flight."""
-    if charges is not None and in_flight_counted(policy, client):
-        charges.started(client)
 
 
 class Meter:
@@ -100,8 +84,8 @@ class Meter:
                 log.exception("a usage sink failed on a batch of %d records", len(found))
 
     def _limits(self, policy: Policy, one: UsageRecord) -> None:
-        """The end of a request in flight and its tokens (``in_flight_counted``'s rule, with the
-        client's limit looked up once)."""
+        """The end of a request in flight (the rule ``Limiter.admit`` counted it by) and its
+        tokens, with the client's limit looked up once."""
         charges, limits = self._charges, policy.limits
         if charges is None or limits is None or not one.charged or not one.client:
             return

@@ -26,7 +26,6 @@ from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import process
 from extproc.server.metrics import OTHER_CLIENTS, Metrics
-from extproc.usage import meter
 from extproc.usage.meter import Meter
 from extproc.usage.record import UsageRecord
 from extproc.usage.records import ROUTE_SOURCE_TAG, USAGE_NAMESPACE, UnreadableEntry, record
@@ -98,9 +97,6 @@ def paid(client: str = "alice") -> dict[str, str]:
 class Charges:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
-
-    def started(self, client: str) -> None:
-        self.calls.append(("started", client))
 
     def finished(self, client: str) -> None:
         self.calls.append(("finished", client))
@@ -232,15 +228,6 @@ def test_unreadable_entries_and_meter_errors_are_counted_never_raised(
     assert sample(metrics, "gateway_usage_meter_errors_total") == 1
     assert sample(metrics, "gateway_usage_requests_total", route="anthropic", client="",
                   credential_source="client", model="unknown", tokens="unknown") == 1  # fmt: skip
-
-
-def test_in_flight_starts_and_ends_by_the_same_rule(world: tuple[Policy, str]) -> None:
-    policy, _route = world
-    charges = Charges()
-    for client in ("alice", "many", ""):
-        meter.started(policy, charges, client)
-    assert charges.calls == [("started", "alice")]
-    meter.started(policy, None, "alice")  # no limiter: nothing to count
 
 
 def test_the_decisions_teams_reach_the_record(world: tuple[Policy, str], tmp_path: Path) -> None:

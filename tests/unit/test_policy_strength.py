@@ -516,7 +516,9 @@ class Recorder:
         self.refusal = refusal
         self.asked: list[tuple[str, Limit, StoreFailure]] = []
 
-    def admit(self, client: str, limit: Limit, on_store_error: StoreFailure) -> Refusal | None:
+    def admit(
+        self, client: str, limit: Limit, on_store_error: StoreFailure, *budgets: object
+    ) -> Refusal | None:  # (no budgets in these tests)
         self.asked.append((client, limit, on_store_error))
         return self.refusal
 
