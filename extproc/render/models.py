@@ -7,7 +7,8 @@ in dynamic metadata, Envoy's ``json_to_metadata`` filter reads the top-level
 message cannot stand in for it), then an RBAC filter allows the request when
 the client is in no team with an allowlist, or one of its teams with an
 allowlist names the model. Anything else is a 403 in the route's provider
-shape naming the model. Python never reads a body. Requests Envoy passes
+shape naming the model; GET and HEAD (no body, no model, no spend) always pass.
+Python never reads a body. Requests Envoy passes
 without asking the processor (a client's own credential on the fast path)
 carry no teams, so no allowlist applies to them.
 
@@ -75,6 +76,13 @@ def _dynamic(namespace: str, path: list[Json], value: Json) -> Json:
     return {"sourced_metadata": {"metadata_matcher": matcher, "metadata_source": "DYNAMIC"}}
 
 
+# Requests that carry no body name no model and spend nothing: listing models, Claude Code's
+# ``HEAD /api/hello`` at every start. Any other request without a readable model is refused.
+_BODYLESS: list[Json] = [
+    {"header": {"name": ":method", "string_match": {"exact": method}}} for method in ("GET", "HEAD")
+]
+
+
 def _rbac(sso: Sso) -> Json:
     listed = [_in_team(team) for team, _ in sso.models]
     policies: Json = {
@@ -89,6 +97,7 @@ def _rbac(sso: Sso) -> Json:
             _dynamic(REQUEST_NAMESPACE, [{"key": "model"}], {"string_match": {"exact": model}})
             for model in models
         ]
+        allowed += _BODYLESS
         policies[f"team_{team}"] = {
             "permissions": [{"or_rules": {"rules": allowed}}],
             "principals": [member],

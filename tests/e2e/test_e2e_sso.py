@@ -247,6 +247,10 @@ def test_a_teams_model_allowlist_is_enforced_in_envoy(
     plain = [("content-type", "text/plain"), *intern]  # no JSON: no model known
     assert _send(gateway, plain, json.dumps(_ask(HAIKU)).encode())[0] == 403
     assert len(upstream.requests) == 2
+    # Body-less requests name no model and spend nothing: listing models, Claude Code's hello.
+    for method, path in (("GET", "/sso/v1/models"), ("HEAD", "/sso/api/hello")):
+        assert raw_request(gateway.listener_port, path, intern, method=method).status == 200
+    assert len(upstream.requests) == 4
     upstream.clear()
     # A gateway key's teams (from the keys file) have the same allowlists.
     bot = [("x-api-key", INTERN_KEY)]
