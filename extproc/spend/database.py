@@ -8,10 +8,13 @@ rows they count, so the two never disagree. Money is integer nano-dollars.
 
 from __future__ import annotations
 
+import math
+import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -288,25 +291,53 @@ class _SqliteTransaction:
 
 
 class PostgresDatabase(_Common):
-    """PostgreSQL (psycopg 3): the ledger and the counters every replica shares."""
+    """PostgreSQL (psycopg 3): the ledger and the counters every replica shares.
+
+    A server that stops answering must not hold the writer (and ``close``) forever: a
+    statement ends after ``timeout_s`` on the server, TCP gives up on a peer gone as long
+    (keepalives, ``tcp_user_timeout``), and a transaction still waiting after three times
+    that (a server hung, its host still acknowledging) has its connection cut here. Each
+    ends in a DatabaseError: the store is down and the rows wait in memory.
+    """
 
     _ph = "%s"
     _id = "id BIGSERIAL PRIMARY KEY"
 
-    def __init__(self, url: str, password: str | None) -> None:
+    def __init__(self, url: str, password: str | None, timeout_s: float = 5.0) -> None:
         self.where = "postgresql " + url.split("://", 1)[1].rsplit("@", maxsplit=1)[-1]
         self._url = url
         self._password = password
         self._db: psycopg.Connection[Any] | None = None
         self._guard = threading.Lock()
+        self.timeout_s = timeout_s
         self.migrate()
 
     def _conn(self) -> psycopg.Connection[Any]:
         if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                self._db.close()  # a broken one still holds its socket
+            ms = max(1, int(self.timeout_s * 1000))
             self._db = psycopg.connect(
-                self._url, connect_timeout=3, autocommit=True, password=self._password or None
+                self._url,
+                connect_timeout=max(2, math.ceil(self.timeout_s)),
+                autocommit=True,
+                password=self._password or None,
+                options=f"-c statement_timeout={ms}",
+                keepalives=1,
+                keepalives_idle=max(1, int(self.timeout_s)),
+                keepalives_interval=1,
+                keepalives_count=3,
+                tcp_user_timeout=ms,
             )
         return self._db
+
+    def _cut(self, db: psycopg.Connection[Any]) -> None:
+        """End a transaction that waits too long: the waiting read sees the connection
+        closed and raises, and the connection is broken (made again on the next use)."""
+        with suppress(OSError, psycopg.Error):
+            cut = socket.socket(fileno=os.dup(db.fileno()))
+            with cut:
+                cut.shutdown(socket.SHUT_RDWR)
 
     def _begin(self) -> Any:
         return _PostgresTransaction(self)
@@ -325,16 +356,36 @@ class PostgresDatabase(_Common):
 class _PostgresTransaction:
     def __init__(self, owner: PostgresDatabase) -> None:
         self._owner = owner
+        self._ended = threading.Lock()  # held once the transaction ends: no cut after that
 
     def __enter__(self) -> psycopg.Cursor[Any]:
-        self._tx = self._owner._conn().transaction()
-        self._tx.__enter__()
-        self._cur = self._owner._conn().cursor()
+        db = self._owner._conn()
+        self._watch = threading.Timer(3 * self._owner.timeout_s, self._overdue, (db,))
+        self._watch.daemon = True
+        self._watch.start()
+        try:
+            self._tx = db.transaction()
+            self._tx.__enter__()
+        except BaseException:
+            self._end()
+            raise
+        self._cur = db.cursor()
         return self._cur
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        self._cur.close()
-        self._tx.__exit__(kind, value, tb)
+        try:
+            self._cur.close()
+            self._tx.__exit__(kind, value, tb)
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self._watch.cancel()
+        self._ended.acquire(blocking=False)
+
+    def _overdue(self, db: psycopg.Connection[Any]) -> None:
+        if self._ended.acquire(blocking=False):
+            self._owner._cut(db)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,7 +3,12 @@ a budget; the server stopped and started mid-run keeps every record; the schema 
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +26,7 @@ from live.test_live_spend_e2e import ALICE, MODEL, SERVER, respond
 
 from extproc.config.model import StoreFailure
 from extproc.config.spend import Budget, Spend
-from extproc.spend.database import SCHEMA_VERSION, PostgresDatabase
+from extproc.spend.database import SCHEMA_VERSION, DatabaseError, PostgresDatabase
 from extproc.spend.prices import nano
 from extproc.spend.service import SpendService, open_database
 from extproc.usage.record import UsageRecord
@@ -161,3 +166,57 @@ def test_two_gateways_on_one_postgresql_share_a_client_budget(
         assert "The daily budget of client 'alice' is used up" in refused.json()["error"]["message"]
     charged = count(server, "SELECT count(*) FROM ledger WHERE paid_by = 'injected'")
     assert 2 <= charged <= 4, charged
+
+
+def _cluster(server: Postgres) -> list[int]:
+    """The server's processes: the postmaster (its pid file's first line) and its children."""
+    main = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == main:
+                children.append(int(stat.parent.name))
+    return [main, *children]
+
+
+def test_postgresql_that_stops_answering_mid_query_marks_the_store_down_and_rows_wait(
+    server: Postgres, config: Spend
+) -> None:
+    """SIGSTOP: the server's host still acknowledges every packet, so only the gateway's own
+    deadline ends the wait (the writer thread, and ``close``, waited forever)."""
+    db = PostgresDatabase(config.store, None, timeout_s=1)
+    s = SpendService(config, db, clock=lambda: NOW)
+    s.records([rec("before")])
+    assert s.flush() == 1
+    stopped = _cluster(server)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        s.records([rec("during-1"), rec("during-2")])
+        flushed: list[int] = []
+        writer = threading.Thread(target=lambda: flushed.append(s.flush()), daemon=True)
+        began = time.monotonic()
+        writer.start()
+        writer.join(timeout=60)  # a hung writer fails here, bounded
+        waited = time.monotonic() - began
+        assert flushed == [0] and not s.healthy, f"still waiting after {waited:.1f} s"
+        refusal = s.admit("alice")
+        assert refusal is not None and refusal.status == 503  # on_store_error: closed
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert poll(s.flush, lambda n: n == 2, "the waiting rows written") == 2
+    assert s.healthy and s.admit("zoe") is None
+    ids = {r for (r,) in psycopg.connect(server.url).execute("SELECT request_id FROM ledger")}
+    assert ids == {"before", "during-1", "during-2"}
+    s.close()
+
+
+def test_a_statement_past_the_timeout_is_cancelled_by_the_server(
+    server: Postgres, config: Spend
+) -> None:
+    db = PostgresDatabase(config.store, None, timeout_s=1)
+    with pytest.raises(DatabaseError, match="statement timeout"):
+        db.execute("SELECT pg_sleep(30)")
+    assert db.execute("SELECT 1") == [(1,)]  # the connection serves on
+    db.close()
