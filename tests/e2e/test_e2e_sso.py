@@ -244,6 +244,9 @@ def test_a_teams_model_allowlist_is_enforced_in_envoy(
     # Only the top-level model counts: one quoted in a message cannot stand in for it.
     sneaky = _ask("claude-opus-4-1", f'"model": "{HAIKU}"')
     assert _send(gateway, intern, sneaky)[0] == 403
+    # A model given twice: Envoy reads the last, as the providers' JSON parsers do.
+    twice = f'{{"model": "{HAIKU}", "max_tokens": 8, "model": "claude-opus-4-1"}}'.encode()
+    assert _send(gateway, [("content-type", "application/json"), *intern], twice)[0] == 403
     plain = [("content-type", "text/plain"), *intern]  # no JSON: no model known
     assert _send(gateway, plain, json.dumps(_ask(HAIKU)).encode())[0] == 403
     assert len(upstream.requests) == 2
