@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2  # noqa: E402
 
 from extproc.config.load import load_config  # noqa: E402
 from extproc.config.model import METADATA_NAMESPACE  # noqa: E402
-from extproc.policy.access import key_line  # noqa: E402
+from extproc.policy.access import KeyLine, key_digest  # noqa: E402
 from extproc.policy.compiled import Policy, compile_policy  # noqa: E402
 from extproc.policy.processor import ATTRIBUTES_KEY, ROUTE_ATTRIBUTE  # noqa: E402
 from extproc.server.calls import Services, decide  # noqa: E402
@@ -112,7 +112,7 @@ def per_call(run: Callable[[], None], repeat: int) -> float:
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "keys.txt").write_text(key_line("bench", KEY) + "\n")
+        (Path(folder) / "keys.txt").write_text(KeyLine("bench", key_digest(KEY)).text() + "\n")
         (Path(folder) / "gateway.yaml").write_text(CONFIG)
         config = load_config(Path(folder) / "gateway.yaml")
         policy = compile_policy(config, {"SERVER": "sk-bench-server"})

@@ -42,7 +42,7 @@ from report import ClientScale, RouteScale
 from topology import Gateway, Stack, Upstreams
 
 from extproc.config.load import load_config
-from extproc.policy.access import GatewayKeys, key_line, new_key, read_keys
+from extproc.policy.access import GatewayKeys, KeyLine, key_digest, new_key, read_keys
 from extproc.policy.compiled import compile_policy
 from extproc.runtime import processes
 from extproc.runtime.reload import POLL_SECONDS, SETTLE_SECONDS
@@ -80,7 +80,7 @@ def write_keys(path: Path, count: int) -> list[str]:
         key = new_key()
         if number % step == step // 2 and len(presented) < PRESENTED_KEYS:
             presented.append(key)
-        lines.append(key_line(f"client-{number:06d}", key))
+        lines.append(KeyLine(f"client-{number:06d}", key_digest(key)).text())
     path.write_text("\n".join(lines) + "\n")
     return presented
 
@@ -198,7 +198,7 @@ def _compile_times(folder: Path, keys_file: Path, count: int) -> tuple[float, fl
     policy = compile_policy(load_config(config), ENVIRON)
     fresh = time.perf_counter() - started
     with copy.open("a") as out:
-        out.write(key_line("inprocess-new", new_key()) + "\n")
+        out.write(KeyLine("inprocess-new", key_digest(new_key())).text() + "\n")
     started = time.perf_counter()
     compile_policy(load_config(config), ENVIRON, policy)
     return fresh, time.perf_counter() - started
@@ -272,7 +272,7 @@ def _append_key(path: Path, url: str, number: int) -> tuple[str, dict[str, str]]
     """Append one client to the keys file; returns where to send its key, and how."""
     key = new_key()
     with path.open("a") as out:
-        out.write(key_line(f"added-{number:03d}", key) + "\n")
+        out.write(KeyLine(f"added-{number:03d}", key_digest(key)).text() + "\n")
     return url, {**HEADERS, "x-api-key": key}
 
 

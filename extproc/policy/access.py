@@ -235,8 +235,3 @@ def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise ValueError(f"client name {name!r}: use letters, digits, '.', '_', '@' and '-'")
     return name
-
-
-def key_line(name: str, key: str) -> str:
-    """The keys-file line for ``key``; raises ValueError for a name the file would reject."""
-    return KeyLine(check_name(name), key_digest(key)).text()

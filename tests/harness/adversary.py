@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.policy.access import key_line
 from harness.clients import (
     TIMEOUT_S,
     HeaderLines,
@@ -36,6 +35,7 @@ from harness.clients import (
     read_all,
 )
 from harness.gateway import ROOT, GatewayStartError, base_env
+from harness.keys import key_line
 
 T = TypeVar("T")
 

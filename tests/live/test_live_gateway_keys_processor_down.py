@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 from harness import Gateway, GatewayStartError, RecordingUpstream, credential_route
+from harness.keys import key_line
 from harness.liveops import Sender, Traffic, by_number
-
-from extproc.policy.access import key_line
 
 SERVER_KEY = "sk-ant-api03-keys-down-server-key"
 CLIENT_KEY = "sk-ant-api03-keys-down-client-key"

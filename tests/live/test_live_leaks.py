@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from harness import RecordingUpstream, credential_route, http1, http2
+from harness.keys import key_line
 from harness.liveops import (
     LiveGateway,
     files_under,
@@ -28,8 +29,6 @@ from harness.liveops import (
     poll,
     write_atomically,
 )
-
-from extproc.policy.access import key_line
 
 pytestmark = pytest.mark.slow  # starts real Envoy and processor processes
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from harness.keys import key_line
 
 from extproc.config.load import load_config, warnings
 from extproc.config.sections import ConfigError
@@ -19,7 +20,6 @@ from extproc.policy.access import (
     KeyLine,
     KeysFileError,
     format_time,
-    key_line,
     new_key,
     parse_line,
     read_keys,

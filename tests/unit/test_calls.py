@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from harness.keys import key_line
 from harness.messages import FixedPolicy, headers_request
 
 from extproc.config.load import load_config
 from extproc.config.model import Limit, StoreFailure
-from extproc.policy.access import key_line
 from extproc.policy.compiled import compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.limits import Refusal

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from harness.keys import key_line
 from harness.messages import headers_request
 
 from extproc.config.limits import LIMITS, limit, limits
@@ -19,7 +20,6 @@ from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE, Limit, Limits, SecretRef, StoreFailure
 from extproc.config.sections import ConfigError, Problems, Section
 from extproc.config.yamlsource import loads
-from extproc.policy.access import key_line
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.limits import Refusal

@@ -16,12 +16,13 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as log_pb
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from google.protobuf import json_format
+from harness.keys import key_line
 from harness.messages import headers_request
 
 from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE, Limit
 from extproc.policy import responses
-from extproc.policy.access import KeyLine, key_digest, key_line
+from extproc.policy.access import KeyLine, key_digest
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import process

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
+from harness.keys import key_line
 from harness.messages import headers_request
 
 from extproc.config.load import load_config
 from extproc.config.model import METADATA_NAMESPACE
 from extproc.policy import responses
-from extproc.policy.access import Identity, key_line
+from extproc.policy.access import Identity
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import process

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from harness.keys import key_line
 from harness.messages import Headers, headers_request
 
 from extproc.config.load import load_config
@@ -38,7 +39,6 @@ from extproc.policy.access import (
     Identity,
     KeysFileError,
     KeyTable,
-    key_line,
     new_key,
     read_keys,
 )

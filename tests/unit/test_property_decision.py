@@ -22,12 +22,13 @@ from types import MappingProxyType
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from harness.keys import key_line
 from harness.messages import header_map, headers_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.config.load import load_config
-from extproc.policy.access import GatewayKeys, Identity, KeyTable, key_line
+from extproc.policy.access import GatewayKeys, Identity, KeyTable
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Decision, Outcome, RouteRule, decide, token_of
 from extproc.policy.processor import process

@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from harness.keys import key_line
 from harness.messages import headers_request
 
 from extproc.config.load import load_config
-from extproc.policy.access import key_line
 from extproc.policy.compiled import Policy, compile_policy
 from extproc.policy.decision import Outcome
 from extproc.policy.processor import process
