@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -25,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from extproc.config.files import FileProblem, read_bounded
+from extproc.config.files import FileProblem, read_bounded, write_atomic
 from extproc.config.model import is_loopback
 
 _TIMEOUT_S = 10.0
@@ -89,14 +88,7 @@ def store(path: Path, token: str, expires_at: float) -> None:
     """Write the cache atomically, readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     entry = {"access_token": token, "issued_at": time.time(), "expires_at": expires_at}
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".token-")  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(entry, out)
-        os.replace(temp, path)
-    except OSError:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(entry), 0o600)
 
 
 def fetch(url: str, client_id: str, secret: str, audience: str, scope: str) -> tuple[str, float]:

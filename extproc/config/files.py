@@ -3,13 +3,15 @@
 Every file the gateway reads at load (the YAML, secrets, keys, TLS files) goes
 through here, so a directory, a FIFO, /dev/zero, a file of gigabytes or one
 that is not readable gives a clear error instead of a hang, a traceback or
-all of memory. Messages name the path, never the content.
+all of memory. Messages name the path, never the content. Every file the gateway
+writes (xDS files, keys files, state, the token cache) is replaced by ``write_atomic``.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -46,6 +48,34 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
     if len(data) > limit:
         raise FileProblem(f"{path}: {what} {too_large}", too_large)
     return data
+
+
+def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) in one rename: readers see old or new, never part.
+
+    The temp file is in ``path``'s folder (a rename never crosses file systems) and synced
+    before the rename. ``mode``: the new file's; None keeps the old file's (a new file gets
+    0666 minus the umask, read by setting it: for one-shot commands, not threaded servers).
+    """
+    if mode is None:
+        mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)  # reading it means setting it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _reason(exc: OSError) -> str:

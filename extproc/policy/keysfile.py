@@ -9,13 +9,12 @@ one, never half of one. A refused command leaves the file as it was.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from extproc.config.files import write_atomic
 from extproc.policy.access import (
     KeyLine,
     KeysFileError,
@@ -101,28 +100,6 @@ class KeysFile:
             raise KeysCommandError(
                 f"keys file {self.path} cannot be written: {exc.strerror}"
             ) from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A temp file in ``path``'s folder, synced, given the old file's mode, renamed over it."""
-    mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _new_file_mode() -> int:
-    umask = os.umask(0)  # read it: the only way; this runs in a one-shot command
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def add(

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from extproc.runtime.xds import atomic_write
+from extproc.config.files import write_atomic
 
 UP_FILE = "up.json"  # written by ``up``: its pid and where its processor listens
 PROCESSOR_FILE = "processor.json"  # written by the processor: what it serves
@@ -45,7 +45,7 @@ def write_state(config_path: Path, name: str, data: dict[str, Any]) -> None:
     try:
         _private(folder.parent)
         folder.mkdir(mode=0o700, exist_ok=True)
-        atomic_write(folder / name, json.dumps(data, sort_keys=True) + "\n")
+        write_atomic(folder / name, json.dumps(data, sort_keys=True) + "\n", 0o644)
     except UnsafeStateFolder as exc:
         log.warning("%s", exc)
     except OSError:

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from extproc.config.files import write_atomic
 from extproc.config.model import GatewayConfig
 from extproc.runtime.ports import PortTaken, check_free, gateway_ports
 from extproc.runtime.processes import Backoff, start_child
@@ -46,7 +47,6 @@ from extproc.runtime.xds import (
     CLUSTER_WAIT_SECONDS,
     DeliveryError,
     XdsWriter,
-    atomic_write,
 )
 from extproc.server.metrics import MULTIPROCESS_ENV, Metrics, serve_workers, worker_died
 
@@ -61,7 +61,7 @@ MAX_BACKOFF_S = 60.0
 
 def report_version(control_dir: Path, version: str) -> None:
     """A worker's answer to SIGHUP: the policy version it now serves."""
-    atomic_write(control_dir / f"{os.getpid()}.version", version)
+    write_atomic(control_dir / f"{os.getpid()}.version", version, 0o644)
 
 
 class StagedCommit:
@@ -77,7 +77,7 @@ class StagedCommit:
     def __call__(self, _config: GatewayConfig, version: str) -> None:
         if not self.armed:
             return
-        atomic_write(self.control_dir / f"{os.getpid()}.staged", version)
+        write_atomic(self.control_dir / f"{os.getpid()}.staged", version, 0o644)
         end = time.monotonic() + DECISION_WAIT_S
         while time.monotonic() < end:
             try:
@@ -119,7 +119,7 @@ class Supervisor:
         decision = self.run_dir / DECISION_FILE
         for staged in self.run_dir.glob("*.staged"):
             staged.unlink(missing_ok=True)  # an earlier attempt's reports do not count
-        atomic_write(decision, f"pending {version}")
+        write_atomic(decision, f"pending {version}", 0o644)
         try:
             for worker in self.workers:
                 worker.send_signal(signal.SIGHUP)
@@ -130,9 +130,9 @@ class Supervisor:
             if self.writer is not None:
                 self.writer.write(config, version)
         except BaseException:
-            atomic_write(decision, f"abort {version}")
+            write_atomic(decision, f"abort {version}", 0o644)
             raise
-        atomic_write(decision, f"commit {version}")
+        write_atomic(decision, f"commit {version}", 0o644)
 
     def _load(self) -> bool:
         """A failed load is passed on too: each worker then reports it in health and metrics."""

@@ -19,14 +19,13 @@ raised, so Envoy and the processor stay on the same config.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import time
 import urllib.error
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from extproc.config.files import write_atomic
 from extproc.config.model import Endpoint, GatewayConfig
 from extproc.render.bootstrap import (
     RESOURCE_FILES,
@@ -62,19 +61,6 @@ class DeliveryError(Exception):
 
 class EnvoyAway(Exception):
     """No Envoy answers on the admin port (not started yet, or run elsewhere)."""
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename (readers see old or new, never partial)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def envoy_versions(admin: Endpoint, timeout: float = 1.0) -> dict[str, str]:
@@ -188,7 +174,7 @@ class XdsWriter:
         for name, text in texts.items():
             if name.startswith(BUNDLE_NAME_PREFIX) and _holds(self.xds_dir / name, text):
                 continue  # each move in the folder makes Envoy re-read all it watches there
-            atomic_write(self.xds_dir / name, text)
+            write_atomic(self.xds_dir / name, text, 0o644)  # Envoy may run as another user
             if name == RESOURCE_FILES["cds"] and self._previous:
                 added = names - {cluster["name"] for cluster in self._previous}
                 wait_for_clusters(admin, added, CLUSTER_WAIT_SECONDS)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from extproc.cli import main
-from extproc.policy import keysfile
 from extproc.policy.access import Identity, KeyLine, key_digest, parse_line, read_keys
 from extproc.policy.keysfile import KeysFile, created, listing, parse_duration, parse_expiry
 
@@ -377,7 +376,7 @@ def test_a_file_that_cannot_be_written_is_one_line_and_no_temp_file_is_left(
     def refuse(source: str, target: Path) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(keysfile.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     code, out, err = run(capsys, "keys", "add", str(keys), "carol")
     assert (code, out, keys.read_bytes()) == (2, "", before)
     assert err == f"keys file {keys} cannot be written: Permission denied\n"
@@ -394,7 +393,7 @@ def test_the_temp_file_is_hidden_beside_the_keys_file(
         renamed.append((Path(source), Path(target)))
         replace(source, target)
 
-    monkeypatch.setattr(keysfile.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     assert run(capsys, "keys", "add", str(keys), "carol")[0] == 0
     [(source, target)] = renamed
     assert source.parent == target.parent == keys.parent
