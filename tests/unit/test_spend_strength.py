@@ -449,21 +449,21 @@ def test_periods_start_over_even_for_a_clock_at_the_epoch() -> None:
     assert b.spent("client", "alice") == (dollars("1"),) * 3
 
 
-# (spent, cap, soft percent, the warning)
+# (what, spent, cap, the warning at a soft threshold of 80%)
 SOFT = [
-    ("8", "10", 80, "the organisation is at 80% of its day budget: $8.00 of $10.00"),
-    ("10", "10", 80, "the organisation is at 100% of its day budget: $10.00 of $10.00"),
-    ("0.000000001", "0.000000001", 80, "the organisation is at 100% of its day budget: $0.00 of $0.00"),
+    ("at the threshold", "8", "10", "the organisation is at 80% of its day budget: $8.00 of $10.00"),
+    ("at the cap", "10", "10", "the organisation is at 100% of its day budget: $10.00 of $10.00"),
+    ("a cap of one nano-dollar", "0.000000001", "0.000000001", "the organisation is at 100% of its day budget: $0.00 of $0.00"),
     # a percent a hair under a whole one is floored, even where a float would round it up
-    ("89999999.999999999", "100000000", 80, "the organisation is at 89% of its day budget: $90000000.00 of $100000000.00"),
+    ("a hair under 90% of $100M", "89999999.999999999", "100000000", "the organisation is at 89% of its day budget: $90000000.00 of $100000000.00"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("spent", "cap", "soft", "message"), SOFT, ids=[s[3][25:33] for s in SOFT])
+@pytest.mark.parametrize(("what", "spent", "cap", "message"), SOFT, ids=[s[0] for s in SOFT])
 def test_the_soft_threshold_warning_names_the_budget_its_percent_and_amounts(
-    spent: str, cap: str, soft: int, message: str, caplog: pytest.LogCaptureFixture
+    what: str, spent: str, cap: str, message: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spend = Spend(organisation=Budget(day=Decimal(cap)), soft_percent=soft)
+    spend = Spend(organisation=Budget(day=Decimal(cap)), soft_percent=80)
     b = Budgets(spend, Clock(berlin(MONDAY)))
     with caplog.at_level(logging.WARNING, "extproc.spend"):
         b.settle("alice", (), berlin(MONDAY), dollars(spent))
