@@ -1,7 +1,7 @@
 """The Claude Code CLI (``node_modules/.bin/claude``, pinned in package.json) through the gateway.
 
 Each case runs ``claude -p "say hi" --output-format json`` once, in a clean HOME
-and working folder, with only the environment the README's recipe sets, and
+and working folder, with only the environment the recipe sets (docs/clients.md), and
 checks what the fake Anthropic upstream received on ``/v1/messages`` (every
 credential header) and that the CLI printed the fake reply.
 
@@ -121,7 +121,7 @@ def test_claude_code(
 def test_claude_code_without_a_credential_sends_nothing(
     claude: Path, clients_gateway: ClientsGateway, tmp_path: Path, env: dict[str, str]
 ) -> None:
-    """Why the README has no "set neither" recipe: the CLI refuses before any request."""
+    """Why docs/clients.md has no "set neither" recipe: the CLI refuses before any request."""
     home = _clean_home(tmp_path, Case("/open/anthropic"), clients_gateway.gateway_key)
     base = {"HOME": str(home), "ANTHROPIC_BASE_URL": clients_gateway.url("/open/anthropic")}
 

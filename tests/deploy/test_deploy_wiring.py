@@ -9,8 +9,8 @@ then follow every path, port and name from the container that uses it to the thi
 names: the mount, the file in this repository, the YAML field.
 
 Shared limits add a Redis to each: the compose profile ``shared-limits`` and the
-kustomize component ``deploy/kubernetes/redis``, with the gateway YAML changed as README.md
-shows (its yaml blocks are read from README.md, so the README stays true).
+kustomize component ``deploy/kubernetes/redis``, with the gateway YAML changed as docs/deployment.md
+shows (its yaml blocks are read from docs/deployment.md, so the page stays true).
 
 The loaders at the top are shared with test_deploy_runtime.py, which runs the same
 commands as real processes.
@@ -46,12 +46,12 @@ REDIS_COMPONENT = KUSTOMIZATION / "redis"
 SHARED_LIMITS = "shared-limits"  # the compose profile that adds Redis
 GATEWAY = "credential-gateway"  # the gateway's Deployment (and Service, policy, budget)
 REDIS = "credential-gateway-redis"  # the component's Deployment, Service, policy, Secret
-# The first line of README.md's yaml blocks for shared limits.
+# The first line of docs/deployment.md's yaml blocks for shared limits.
 COMPOSE_LIMITS_BLOCK = "# deploy/compose/gateway.yaml"
 K8S_LIMITS_BLOCK = "# my-gateway/gateway.yaml"
 K8S_OVERLAY_BLOCK = "# my-gateway/kustomization.yaml, as above, plus"
 DOCKERFILE = ROOT / "Dockerfile"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "deployment.md"
 ENVOY_ADMIN_SCRIPT = "envoy-admin.sh"
 PROCESSOR_IMAGE = "credential-gateway"
 INIT = ["/usr/bin/tini", "--"]  # the image's PID 1, which forwards signals to the processor
@@ -112,24 +112,24 @@ def find(docs: list[Json], kind: str, name: str | None = None) -> Json:
 
 
 def readme_yaml(first_line: str) -> str:
-    """The one yaml block of README.md that starts with ``first_line``."""
+    """The one yaml block of docs/deployment.md that starts with ``first_line``."""
     blocks = re.findall(r"^```yaml\n(.*?)^```", README.read_text(), re.M | re.S)
     found = [block for block in blocks if block.startswith(first_line)]
-    assert len(found) == 1, f"README.md has {len(found)} yaml blocks starting {first_line!r}"
+    assert len(found) == 1, f"docs/deployment.md has {len(found)} yaml blocks starting {first_line!r}"
     return str(found[0])
 
 
 def add_top_level(gateway_text: str, block: str) -> str:
-    """The gateway YAML with ``block`` (say README.md's lines for shared limits) added."""
+    """The gateway YAML with ``block`` (say docs/deployment.md's lines for shared limits) added."""
     added = yaml.safe_load(block)
     assert not set(added) & set(yaml.safe_load(gateway_text)), "only adds, never replaces"
     return gateway_text.rstrip("\n") + "\n" + block
 
 
 def redis_overlay(directory: Path, gateway_text: str) -> Path:
-    """README.md's overlay: the base, the Redis component, and a gateway YAML of one's own."""
+    """docs/deployment.md's overlay: the base, the Redis component, and a gateway YAML of one's own."""
     overlay = yaml.safe_load(readme_yaml(K8S_OVERLAY_BLOCK))
-    user_dir = ROOT / "my-gateway"  # where README's overlay sits: beside deploy/
+    user_dir = ROOT / "my-gateway"  # where docs/deployment.md's overlay sits: beside deploy/
     assert [(user_dir / c).resolve() for c in overlay["components"]] == [REDIS_COMPONENT]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "gateway.yaml").write_text(gateway_text)
@@ -149,7 +149,7 @@ def redis_overlay(directory: Path, gateway_text: str) -> Path:
 
 
 def redis_manifests_with_shared_limits(directory: Path) -> list[Json]:
-    """What README.md's overlay applies, with its gateway YAML for shared limits."""
+    """What docs/deployment.md's overlay applies, with its gateway YAML for shared limits."""
     base = (KUSTOMIZATION / "gateway.yaml").read_text()
     text = add_top_level(base, readme_yaml(K8S_LIMITS_BLOCK))
     return kustomize_build(redis_overlay(directory, text))
@@ -336,7 +336,7 @@ def test_compose_services_load_the_mounted_gateway_yaml(compose: Json) -> None:
 
 
 def compose_shared_limits(compose: Json, tmp_path: Path) -> GatewayConfig:
-    """The compose YAML with README.md's lines for shared limits, as the processor loads it."""
+    """The compose YAML with docs/deployment.md's lines for shared limits, as the processor loads it."""
     serve = compose["services"]["extproc"]["command"]
     path = compose_gateway_yaml(compose, "extproc", option(serve, "serve"))
     local = tmp_path / path.name
@@ -571,7 +571,7 @@ def test_pod_mounts_the_keys_where_the_yaml_reads_them(
     assert {str(ref.file.parent) for ref in files if ref.file} == {mount_path}
     assert secret["optional"] == all(ref.optional for ref in files)
     assert secret["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"]
-    # The README's command creates that Secret with exactly these keys.
+    # docs/deployment.md's command creates that Secret with exactly these keys.
     create = documented_secret_command()
     assert create[:4] == ["kubectl", "create", "secret", "generic"]
     assert create[4] == secret["secretName"]
@@ -583,7 +583,7 @@ def documented_secret_command(name: str = "credential-gateway-keys") -> list[str
     text = re.sub(r"\\\n\s*", " ", README.read_text())
     command = f"kubectl create secret generic {name} "
     lines = [line for line in text.splitlines() if command in line]
-    assert len(lines) == 1, f"README.md shows one `{command}` command"
+    assert len(lines) == 1, f"docs/deployment.md shows one `{command}` command"
     return shlex.split(lines[0].strip())
 
 
@@ -831,7 +831,7 @@ def test_redis_password_is_one_secret_mounted_as_a_file_in_both_pods(
     ping = [*command[:2], "ping", f"127.0.0.1:{option(command, '--port')}", str(theirs)]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["exec"]["command"] == ping
-    # README.md's command creates that Secret with that key.
+    # docs/deployment.md's command creates that Secret with that key.
     create = documented_secret_command(secret_name)
     assert {arg.split("=", 2)[1] for arg in create if arg.startswith("--from-")} == {password.name}
     # Only the processor holds it; render and Envoy never see it.

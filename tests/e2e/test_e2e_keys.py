@@ -1,4 +1,5 @@
-"""The key commands against a running gateway: real Envoy, real processor, live reload.
+"""The key commands (docs/keys-and-access.md) against a running gateway: real Envoy, real
+processor, live reload.
 
 An operator rotates a client's key with overlap (both keys work), revokes the
 old one (401), rotates with no overlap (the old key answers "expired") and
