@@ -115,7 +115,9 @@ def readme_yaml(first_line: str) -> str:
     """The one yaml block of docs/deployment.md that starts with ``first_line``."""
     blocks = re.findall(r"^```yaml\n(.*?)^```", README.read_text(), re.M | re.S)
     found = [block for block in blocks if block.startswith(first_line)]
-    assert len(found) == 1, f"docs/deployment.md has {len(found)} yaml blocks starting {first_line!r}"
+    assert len(found) == 1, (
+        f"docs/deployment.md has {len(found)} yaml blocks starting {first_line!r}"
+    )
     return str(found[0])
 
 
